@@ -1,0 +1,20 @@
+"""The ``ddfm-fast`` command line (click).
+
+This file lives at the repository root and is installed as ``ddfm_fast.cli`` through the symlink
+``ddfm_fast/cli.py``; ``python -m ddfm_fast`` runs it too. Commands are thin: they map flags onto the
+package's API and leave the work to it.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ddfm-fast")
+def main() -> None:
+    """ddfm-fast: DDFM image fusion (Zhao et al., ICCV 2023), faithful and fast."""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
