@@ -3,3 +3,8 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from ddfm_fast.checkpoint import CheckpointError, load_model  # noqa: E402
+from ddfm_fast.unet import UNetConfig, UNetModel  # noqa: E402
+from ddfm_fast.api import FusionResult, fuse  # noqa: E402
+from ddfm_fast.sampler import DDFMSampler  # noqa: E402
