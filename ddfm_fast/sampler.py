@@ -101,20 +101,10 @@ class DDFMSampler:
         state: EMState, table: StepTable,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDFM step at loop position ``j``; returns ``(x_prev, pred_xstart)`` and updates ``state``."""
-        coef = table.coef[j]
-        c1, c2 = coef[C1], coef[C2]
         t = table.model_t[j : j + 1].expand(x_t.shape[0])
-        out = model(x_t, t)
-        eps = out[:, : x_t.shape[1]]
-        x0 = c1 * x_t - c2 * eps
-        if self.clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        ycc = color.luminance_for_em(x0)
-        F, _ = em_step(ycc[:, 0:1], I, V, state, self.lamb, self.rho, self.tau_reduce)
-        x0 = color.rgb_from_em(torch.cat([F, ycc[:, 1:]], dim=1))
-        eps = (c1 * x_t - x0) / c2
-        x_prev = x0 * coef[SQRT_AC_PREV] + coef[SQRT_1M_AC_PREV] * eps
-        return x_prev, x0
+        eps = model(x_t, t)[:, : x_t.shape[1]]
+        return step_tail_torch(x_t, eps, table.coef[j], I, V, state, lamb=self.lamb, rho=self.rho,
+                               tau_reduce=self.tau_reduce, clip_denoised=self.clip_denoised)
 
     @torch.no_grad()
     def sample(
@@ -162,3 +152,33 @@ def _check_inputs(x_start: torch.Tensor, I: torch.Tensor, V: torch.Tensor) -> No
             raise ValueError(f"{name} is on {t.device} but x_start is on {x_start.device}")
     if x_start.dtype != torch.float32:
         raise TypeError(f"x_start must be float32 (the faithful sampler), got {x_start.dtype}")
+
+
+def step_tail_torch(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    coef: torch.Tensor,
+    I: torch.Tensor,  # noqa: E741
+    V: torch.Tensor,
+    state: EMState,
+    *,
+    lamb: float,
+    rho: float,
+    tau_reduce: TauReduce = "batch",
+    clip_denoised: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Everything of a step after the UNet, in plain torch (the oracle for the Triton tail).
+
+    ``coef`` is one row of :class:`~ddfm_fast.schedule.StepTable` (c1, c2, sqrt(ac_prev), sqrt(1 - ac_prev)).
+    Returns ``(x_prev, pred_xstart)``; ``state`` is updated in place.
+    """
+    c1, c2 = coef[C1], coef[C2]
+    x0 = c1 * x_t - c2 * eps
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+    ycc = color.luminance_for_em(x0)
+    F, _ = em_step(ycc[:, 0:1], I, V, state, lamb, rho, tau_reduce)
+    x0 = color.rgb_from_em(torch.cat([F, ycc[:, 1:]], dim=1))
+    eps = (c1 * x_t - x0) / c2
+    x_prev = x0 * coef[SQRT_AC_PREV] + coef[SQRT_1M_AC_PREV] * eps
+    return x_prev, x0
