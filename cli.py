@@ -16,5 +16,11 @@ def main() -> None:
     """ddfm-fast: DDFM image fusion (Zhao et al., ICCV 2023), faithful and fast."""
 
 
+from ddfm_fast.cli_eval import eval_command, compare_command  # noqa: E402
+
+main.add_command(eval_command)
+main.add_command(compare_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
