@@ -21,6 +21,11 @@ from ddfm_fast.cli_eval import eval_command, compare_command  # noqa: E402
 main.add_command(eval_command)
 main.add_command(compare_command)
 
+from ddfm_fast.cli_fuse import fuse_command, info_command  # noqa: E402
+
+main.add_command(fuse_command)
+main.add_command(info_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -11,6 +11,7 @@ that the reference-era imageio applied (:func:`to_uint8_official`).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -224,4 +225,132 @@ def save_png(array: np.ndarray, dest: str | os.PathLike) -> Path:
     img = Image.fromarray(array if array.dtype == np.uint8 or array.ndim == 2 else array, mode=None)
     with atomic_path(dest) as tmp:
         img.save(tmp, format="PNG")
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------- extra outputs
+# Everything below serves the command line's optional outputs; the official path above does not use it.
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# ITU-T T.871 (JPEG) / BT.601 full-range YCbCr, as Pillow's "YCbCr" mode and OpenCV's YCrCb use it (8-bit data,
+# chroma offset 128). OpenCV rounds the same constants to 3 digits (0.713, 0.564 / 1.403, 1.773).
+_YCBCR_FULL_FROM_RGB = np.array(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=np.float64
+)
+_RGB_FROM_YCBCR_FULL = np.array(
+    [[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]], dtype=np.float64
+)
+
+
+def read_rgb8(src: ImageInput, name: str | None = None) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB for colour output: EXIF orientation applied, alpha dropped (as
+    OpenCV's ``imread`` does), palette and gray images expanded, 16-bit data rounded to 8 bits (``v / 257``)."""
+    if isinstance(src, (str, os.PathLike)):
+        label, img = str(src), _open(Path(src))
+    elif isinstance(src, Image.Image):
+        label, img = name or "image", ImageOps.exif_transpose(src)
+    else:
+        raise TypeError(f"{name or 'image'}: read_rgb8 needs a path or a PIL image, got {type(src).__name__}")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.max(initial=0) > 65535 or arr.min(initial=0) < 0:
+            raise ImageReadError(f"{label}: 32-bit integer image with values outside 0..65535")
+        gray = np.round(arr / 257.0).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if img.mode == "F":
+        raise ImageReadError(f"{label}: floating-point images are not supported; save it as 8- or 16-bit")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def has_chroma(rgb: np.ndarray) -> bool:
+    """False for a gray image stored as RGB (three equal channels): its colour output is gray."""
+    return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+def rgb_to_ycbcr_full(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB 0..255 -> float64 full-range YCbCr (Y 0..255, Cb/Cr centred on 128), not quantised."""
+    ycc = np.asarray(rgb, dtype=np.float64) @ _YCBCR_FULL_FROM_RGB.T
+    ycc[..., 1:] += 128.0
+    return ycc
+
+
+def ycbcr_full_to_rgb(ycc: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb_to_ycbcr_full`: float64 RGB, not clipped or rounded."""
+    centred = np.asarray(ycc, dtype=np.float64).copy()
+    centred[..., 1:] -= 128.0
+    return centred @ _RGB_FROM_YCBCR_FULL.T
+
+
+def colorize(y: np.ndarray, color_source: np.ndarray) -> np.ndarray:
+    """Colour output: the fused 8-bit luminance ``y`` (H, W) with the chroma of ``color_source`` (H, W, 3) uint8.
+
+    The community's YCbCr practice: convert the colour source to full-range YCbCr (BT.601 as OpenCV/Pillow),
+    replace Y by the fused Y, convert back, round and clip to 0..255. Chroma is kept in float (not quantised);
+    only pixels whose new colour leaves the RGB cube are changed by the clipping. A gray source gives R = G = B = y.
+    """
+    if y.shape != color_source.shape[:2] or color_source.ndim != 3 or color_source.shape[2] != 3:
+        raise ValueError(f"colorize: luminance {y.shape} and colour source {color_source.shape} do not match")
+    ycc = rgb_to_ycbcr_full(color_source)
+    ycc[..., 0] = y
+    return np.clip(np.rint(ycbcr_full_to_rgb(ycc)), 0, 255).astype(np.uint8)
+
+
+def resize_gray(gray01: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Resize a [0, 1] gray float image to (H, W) with Pillow's LANCZOS filter (in float32), clipped to [0, 1]."""
+    h, w = size_hw
+    img = Image.fromarray(np.ascontiguousarray(gray01, dtype=_F32), mode="F")
+    out = np.asarray(img.resize((w, h), Image.Resampling.LANCZOS), dtype=_F32)
+    return np.clip(out, 0, 1)
+
+
+def resize_rgb8(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 image to (H, W) with Pillow's LANCZOS filter."""
+    h, w = size_hw
+    return np.asarray(Image.fromarray(rgb, mode="RGB").resize((w, h), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def luma_to_unit(luma: np.ndarray) -> np.ndarray:
+    """The unstretched luminance in the input scale: ``(Y + 1) / 2`` float32, so 0..1 is the sources' black..white.
+
+    Not clipped: the final sample is not clamped after the last EM step, so values slightly outside [0, 1] occur.
+    """
+    return ((luma.astype(_F32) + _F32(1)) / _F32(2)).astype(_F32)
+
+
+def luma_to_uint16(luma: np.ndarray) -> np.ndarray:
+    """The unstretched luminance as 16-bit: ``round(clip((Y + 1) / 2, 0, 1) * 65535)``.
+
+    The inverse of the input convention (16-bit inputs are read as v / 65535): a value v means
+    ``Y = v / 65535 * 2 - 1`` in the model's [-1, 1]. Values outside [-1, 1] are clipped; ``.npy`` keeps them.
+    """
+    unit = np.clip(luma_to_unit(luma).astype(np.float64), 0.0, 1.0)
+    return np.rint(unit * 65535.0).astype(np.uint16)
+
+
+def save_npy(array: np.ndarray, dest: str | os.PathLike) -> Path:
+    """Write an array as ``.npy`` (exactly at ``dest``, no suffix added), atomically."""
+    dest = Path(dest)
+    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+    return dest
+
+
+def save_gif(frames: list[np.ndarray], dest: str | os.PathLike, frame_ms: int = 80, last_ms: int = 1000) -> Path:
+    """Write (H, W) uint8 frames as one looping animated GIF, atomically; the last frame is held ``last_ms``."""
+    dest = Path(dest)
+    if not frames:
+        raise ValueError(f"{dest}: no frames to write")
+    images = [Image.fromarray(f, mode="L") for f in frames]
+    durations = [frame_ms] * (len(images) - 1) + [last_ms]
+    with atomic_path(dest) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
+    return dest
+
+
+def save_json(obj: object, dest: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented UTF-8 JSON, atomically."""
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return dest
