@@ -1,0 +1,122 @@
+"""The fast path on CPU: static-buffer step logic, graph-break-free compilation, reduced-precision UNet.
+
+What needs a GPU (CUDA graph capture and replay, fp16 kernels, the Triton tail compiled for real) is in
+tests/test_gpu.py, run by ``ddfm-fast bench --suite gpu``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ddfm_fast
+from ddfm_fast.api import postprocess
+from ddfm_fast.fast import FastDDFMSampler, FastOptions
+from ddfm_fast.sampler import DDFMSampler
+from ddfm_fast.unet import UNetConfig, UNetModel
+
+
+@pytest.fixture(scope="module")
+def tiny(reference_dir):
+    return ddfm_fast.load_model(reference_dir / "tiny_unet.pt", config=reference_dir / "tiny_unet_config.json")
+
+
+@pytest.fixture(scope="module")
+def inputs(sampler_golden):
+    g = sampler_golden
+    return tuple(torch.from_numpy(g[k]) for k in ("x_start", "I", "V"))
+
+
+@pytest.fixture(scope="module")
+def reference10(tiny, inputs):
+    return DDFMSampler(10, backend="torch").sample(tiny, *inputs).sample
+
+
+def test_static_buffers_and_device_step_counter_equal_the_eager_loop(tiny, inputs, reference10):
+    """Same ops over preallocated buffers, coefficients read by a device counter: bitwise the same result."""
+    sampler = FastDDFMSampler(10, backend="torch")
+    steps = []
+    out = sampler.sample(tiny, *inputs, callback=lambda o: steps.append(o.idx)).sample
+    torch.testing.assert_close(out, reference10, rtol=0, atol=0)
+    assert steps == list(range(9, -1, -1))
+    runner = next(iter(sampler._runners.values()))
+    assert int(runner.buf.j) == 10
+    # A second call of the same shape reuses the buffers (the runner resets them) and gives the same result.
+    again = sampler.sample(tiny, *inputs).sample
+    torch.testing.assert_close(again, reference10, rtol=0, atol=0)
+    assert len(sampler._runners) == 1
+
+
+@pytest.mark.parametrize("tau_reduce", ["batch", "image"])
+def test_whole_step_compiles_with_fullgraph(tiny, inputs, reference10, tau_reduce):
+    """Dynamo traces the whole step (UNet + EM + colour + DDIM) with fullgraph=True: any graph break fails.
+
+    The "eager" compile backend runs dynamo's tracing without inductor's code generation, so this check costs
+    seconds; numerics of a real inductor compile are checked on a small model below.
+    """
+    torch._dynamo.reset()
+    sampler = FastDDFMSampler(10, backend="torch", tau_reduce=tau_reduce,
+                              options=FastOptions(compile=True, compile_backend="eager"))
+    out = sampler.sample(tiny, *inputs).sample
+    if tau_reduce == "batch":
+        torch.testing.assert_close(out, reference10, rtol=0, atol=0)
+    runner = next(iter(sampler._runners.values()))
+    assert runner.compile_seconds is not None and runner.compile_seconds > 0
+
+
+def test_inductor_compiled_step_matches_eager():
+    """A real inductor compile of the step on a small UNet: same result up to fused-kernel rounding."""
+    torch._dynamo.reset()
+    cfg = UNetConfig.from_create_model_args(dict(image_size=64, num_channels=16, num_res_blocks=1,
+                                                 channel_mult="1,2", attention_resolutions="32", num_head_channels=8,
+                                                 learn_sigma=True, use_scale_shift_norm=True, resblock_updown=True,
+                                                 norm_groups=8))
+    torch.manual_seed(0)
+    model = UNetModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the output conv starts at zero; give every weight a value
+            p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 32, 32, generator=gen)
+    I, V = torch.rand(2, 1, 1, 32, 32, generator=gen) * 2 - 1  # noqa: E741
+    ref = DDFMSampler(4, backend="torch").sample(model, x, I, V).sample
+    out = FastDDFMSampler(4, backend="torch", options=FastOptions(compile=True)).sample(model, x, I, V).sample
+    # Inductor fuses and reorders float32 arithmetic (~1e-6 per op); the EM step amplifies that where
+    # I - f_pre ~ 0, as between machines (see test_sampler.py): the end-to-end tolerance.
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype, min_psnr", [(torch.bfloat16, 40.0), (torch.float16, 50.0)])
+def test_reduced_precision_unet_stays_close(reference_dir, inputs, reference10, dtype, min_psnr):
+    """bf16 UNet body (GroupNorm and softmax in fp32, EM in fp32) against the fp32 path, on the 8-bit output.
+
+    Measured here (10 steps, 64x96, the tiny random-weight model): bf16 48.7 dB, fp16 60.3 dB PSNR against the
+    fp32 output (bf16 keeps 8 bits of mantissa, fp16 11). The bounds leave ~9 dB of margin; a body left in the
+    wrong dtype, or an EM step run in half precision (its 1e-10 epsilons underflow), falls far below them.
+    The GPU suite checks fp16 on the paper-size model.
+    """
+    model = ddfm_fast.load_model(reference_dir / "tiny_unet.pt", config=reference_dir / "tiny_unet_config.json")
+    out = FastDDFMSampler(10, backend="torch", options=FastOptions(dtype=dtype)).sample(model, *inputs).sample
+    assert next(model.parameters()).dtype == dtype and out.dtype == torch.float32
+    a = postprocess(out[0], (64, 96)).fused.astype(np.float64)
+    b = postprocess(reference10[0], (64, 96)).fused.astype(np.float64)
+    mse = np.mean((a - b) ** 2)
+    psnr = 10 * np.log10(255.0**2 / mse) if mse > 0 else np.inf
+    assert psnr >= min_psnr, f"PSNR {psnr:.1f} dB"
+
+
+def test_options_are_validated_and_described():
+    assert FastOptions.preset("fast").describe() == "fp16+compile(max-autotune-no-cudagraphs)+cuda_graphs"
+    assert FastOptions().describe() == "fp32"
+    with pytest.raises(ValueError, match="compile_mode"):
+        FastOptions(compile_mode="turbo")
+    with pytest.raises(ValueError, match="dtype"):
+        FastOptions(dtype=torch.int8)
+
+
+def test_cuda_graphs_on_cpu_say_they_are_not_used(tiny, inputs, reference10):
+    sampler = FastDDFMSampler(10, backend="torch", options=FastOptions(cuda_graphs=True))
+    with pytest.warns(RuntimeWarning, match="cuda_graphs needs a CUDA device"):
+        out = sampler.sample(tiny, *inputs).sample
+    torch.testing.assert_close(out, reference10, rtol=0, atol=0)
