@@ -20,7 +20,8 @@ Notation (variable -> paper):
 
 Where the official code differs from the paper (reproduced here, on purpose):
     * the F sub-problem uses a linear shrink ``rho / (2*lamb + rho) * a`` (the solution of a squared-l2
-      penalty), not the soft threshold of Eq. 26-27; the Triton backend offers the soft threshold as an option;
+      penalty), not the soft threshold of Eq. 26-27; both backends offer the soft threshold as an option
+      (``tv_prox="soft"`` with an explicit ``tv_threshold``, see :func:`resolve_tv_prox`);
     * ``f_pre`` is in the Y/255 scale of the [-1, 1] RGB x0 (about [-0.80, 0.92]) while I and V are in [-1, 1];
     * differences of H are not circular: the last column (row) keeps H itself.
 """
@@ -33,6 +34,7 @@ from typing import Literal
 import torch
 
 TauReduce = Literal["batch", "image"]
+TVProx = Literal["shrink", "soft"]
 
 # The official epsilons (EM_onestep): inside the square for C, added after squaring for D, and 1e-10 in the
 # tau means. They are kept exactly; changing any of them changes the official floats.
@@ -147,6 +149,34 @@ def forward_diff_keep_last(h: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([head, h.narrow(dim, n - 1, 1)], dim=dim)
 
 
+def resolve_tv_prox(tv_prox: str, tv_threshold: float | None) -> float | None:
+    """Check the F sub-problem's options (Eqs. 26-27); returns the soft threshold kappa, or None for "shrink".
+
+    ``"shrink"`` (official) is ``F = rho / (2 lamb + rho) * a`` and takes no threshold. ``"soft"`` (the paper's
+    equations) is ``F = sign(a) * max(|a| - kappa, 0)`` and needs an explicit ``tv_threshold`` kappa >= 0. There is
+    no default: the paper's kappa = lamb / rho is 500 with the official lamb = 0.5, rho = 0.001, while the
+    differences |a| of H stay below 1 (over the official EM goldens: at most 0.72, which is the last row or
+    column keeping H itself; interior differences at most 0.35, medians 0.008-0.035), so it would zero every
+    gradient and silently switch the TV term off. Useful thresholds are of the order of the gradients, e.g.
+    0.01-0.1.
+    """
+    if tv_prox == "shrink":
+        if tv_threshold is not None:
+            raise ValueError("tv_threshold is only used with tv_prox='soft'; the official 'shrink' takes none")
+        return None
+    if tv_prox == "soft":
+        if tv_threshold is None:
+            raise ValueError(
+                "tv_prox='soft' needs an explicit tv_threshold kappa >= 0 (e.g. 0.01-0.1). The paper's lamb/rho "
+                "(= 500 with the official lamb=0.5, rho=0.001) is far above the gradients of H (|a| < 1) and would "
+                "zero every one, silently switching the TV term off")
+        kappa = float(tv_threshold)
+        if not kappa >= 0 or kappa == float("inf"):
+            raise ValueError(f"tv_threshold must be a finite number >= 0, got {tv_threshold!r}")
+        return kappa
+    raise ValueError(f"tv_prox must be 'shrink' (official) or 'soft' (paper Eqs. 26-27), got {tv_prox!r}")
+
+
 def em_step(
     f_pre: torch.Tensor,
     I: torch.Tensor,  # noqa: E741
@@ -155,6 +185,10 @@ def em_step(
     lamb: float = 0.5,
     rho: float = 0.001,
     tau_reduce: TauReduce = "batch",
+    tv_prox: TVProx = "shrink",
+    tv_threshold: float | None = None,
+    *,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, EMState]:
     """One EM step (``EM_onestep``): E-step (Eqs. 16-17), TV prox (Eq. 25), shrink (26-27), LS (29), F = I - X.
 
@@ -165,10 +199,25 @@ def em_step(
         lamb, rho: Python floats (the official driver uses 0.5 and 0.001).
         tau_reduce: ``"batch"`` (official: tau is a mean over the whole batch, so batched images influence each
             other) or ``"image"`` (one tau per image, so a batch gives each image the result it gets alone).
+        tv_prox: the F sub-problem: ``"shrink"`` (official linear shrink, the default) or ``"soft"`` (the
+            paper's soft threshold with ``tv_threshold``; see :func:`resolve_tv_prox`).
+        tv_threshold: the soft threshold kappa >= 0; required with ``"soft"``, not allowed with ``"shrink"``.
+        backend: ``"torch"`` (this plain-torch oracle, always; the environment override does not apply) or
+            ``"triton"`` / ``"auto"`` resolved by :func:`ddfm_fast.dispatch.resolve_backend` to the fused kernels
+            of ``ddfm_fast.kernels.em_tail`` (which allocate their buffers per call here).
 
     Returns:
         ``(F, state)`` with F = I - X the rectified luminance (B, 1, H, W).
     """
+    kappa = resolve_tv_prox(tv_prox, tv_threshold)
+    if backend != "torch":
+        from ddfm_fast.dispatch import resolve_backend
+
+        if resolve_backend(backend, f_pre.device).name == "triton":
+            from ddfm_fast.kernels.em_tail import em_step_triton
+
+            return em_step_triton(f_pre, I, V, state, lamb, rho, tau_reduce, tv_prox=tv_prox,
+                                  tv_threshold=tv_threshold)
     for name, t in (("f_pre", f_pre), ("I", I), ("V", V)):
         _check_image(t, name)
     if not (f_pre.shape == I.shape == V.shape == state.shape):
@@ -190,9 +239,15 @@ def em_step(
     # M-step: TV prox (Eq. 25), then the F sub-problem. The official code shrinks linearly (see module doc);
     # the factor is computed in double precision from Python floats, then applied to the float32 tensor.
     H = prox_tv(Y - X, state)
-    shrink = rho / (2 * lamb + rho)
-    F1 = shrink * forward_diff_keep_last(H, -1)
-    F2 = shrink * forward_diff_keep_last(H, -2)
+    if kappa is None:
+        shrink = rho / (2 * lamb + rho)
+        F1 = shrink * forward_diff_keep_last(H, -1)
+        F2 = shrink * forward_diff_keep_last(H, -2)
+    else:
+        # The paper's Eqs. 26-27: soft threshold sign(a) * max(|a| - kappa, 0).
+        a1, a2 = forward_diff_keep_last(H, -1), forward_diff_keep_last(H, -2)
+        F1 = torch.sign(a1) * torch.clamp(a1.abs() - kappa, min=0)
+        F2 = torch.sign(a2) * torch.clamp(a2.abs() - kappa, min=0)
     # Least squares for X (Eq. 29).
     X = (2 * C * Y + rho * (Y - H)) / (2 * C + 2 * D + rho)
     F = I - X

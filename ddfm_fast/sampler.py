@@ -18,15 +18,18 @@ step counter, and the EM state is updated in place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
 
 from ddfm_fast import color
 from ddfm_fast.dispatch import BackendChoice, resolve_backend
-from ddfm_fast.em import EMState, TauReduce, em_init, em_step
+from ddfm_fast.em import EMState, TauReduce, TVProx, em_init, em_step, resolve_tv_prox
 from ddfm_fast.schedule import C1, C2, SQRT_1M_AC_PREV, SQRT_AC_PREV, Respacing, Schedule, StepTable
+
+if TYPE_CHECKING:  # the kernels import triton; only the Triton backend loads them
+    from ddfm_fast.kernels.em_tail import TailWorkspace
 
 
 @dataclass
@@ -61,6 +64,9 @@ class DDFMSampler:
         lamb, rho: the EM step's TV weight and ADMM penalty (official 0.5 and 0.001).
         tau_reduce: ``"batch"`` (official: one tau over the whole batch) or ``"image"`` (independent images).
         clip_denoised: clamp the x0 prediction to [-1, 1] before the EM step (official True).
+        tv_prox: the EM step's F update: ``"shrink"`` (official linear shrink) or ``"soft"`` (the paper's soft
+            threshold, Eqs. 26-27; needs ``tv_threshold``, see :func:`ddfm_fast.em.resolve_tv_prox`).
+        tv_threshold: the soft threshold kappa >= 0 (only with ``"soft"``; there is no safe default).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``ddfm_fast.dispatch``).
         num_train_timesteps: length of the base linear schedule (the ADM models: 1000).
     """
@@ -73,11 +79,16 @@ class DDFMSampler:
         rho: float = 0.001,
         tau_reduce: TauReduce = "batch",
         clip_denoised: bool = True,
+        tv_prox: TVProx = "shrink",
+        tv_threshold: Optional[float] = None,
         backend: str = "auto",
         num_train_timesteps: int = 1000,
     ) -> None:
         if tau_reduce not in ("batch", "image"):
             raise ValueError(f"tau_reduce must be 'batch' or 'image', got {tau_reduce!r}")
+        resolve_tv_prox(tv_prox, tv_threshold)  # fail here, not at the first step
+        self.tv_prox: TVProx = tv_prox
+        self.tv_threshold = None if tv_threshold is None else float(tv_threshold)
         self.schedule = Schedule.create(steps, num_train_timesteps)
         self.lamb, self.rho = float(lamb), float(rho)
         self.tau_reduce: TauReduce = tau_reduce
@@ -98,13 +109,26 @@ class DDFMSampler:
 
     def step(
         self, model: nn.Module, x_t: torch.Tensor, j: int, I: torch.Tensor, V: torch.Tensor,  # noqa: E741
-        state: EMState, table: StepTable,
+        state: EMState, table: StepTable, *, workspace: Optional["TailWorkspace"] = None,
+        out: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DDFM step at loop position ``j``; returns ``(x_prev, pred_xstart)`` and updates ``state``."""
+        """One DDFM step at loop position ``j``; returns ``(x_prev, pred_xstart)`` and updates ``state``.
+
+        With a ``workspace`` (``ddfm_fast.kernels.em_tail.TailWorkspace``) the tail after the UNet runs as the
+        fused Triton kernels, writing x_prev into ``out`` (default ``workspace.x_prev``) and x0' into
+        ``workspace.x0``; without one, as plain torch (``step_tail_torch``).
+        """
         t = table.model_t[j : j + 1].expand(x_t.shape[0])
         eps = model(x_t, t)[:, : x_t.shape[1]]
+        tv = dict(tv_prox=self.tv_prox, tv_threshold=self.tv_threshold)
+        if workspace is not None:
+            from ddfm_fast.kernels.em_tail import step_tail_triton
+
+            return step_tail_triton(x_t, eps, table.coef[j], I, V, state, lamb=self.lamb, rho=self.rho,
+                                    tau_reduce=self.tau_reduce, clip_denoised=self.clip_denoised,
+                                    workspace=workspace, out=out, **tv)
         return step_tail_torch(x_t, eps, table.coef[j], I, V, state, lamb=self.lamb, rho=self.rho,
-                               tau_reduce=self.tau_reduce, clip_denoised=self.clip_denoised)
+                               tau_reduce=self.tau_reduce, clip_denoised=self.clip_denoised, **tv)
 
     @torch.no_grad()
     def sample(
@@ -120,20 +144,29 @@ class DDFMSampler:
         """Run all steps from ``x_start`` (B, 3, H, W) with sources ``I``, ``V`` (B, 1, H, W) in [-1, 1].
 
         ``state`` may be a preallocated :class:`EMState` of the right shape (it is reset); otherwise one is made.
+
+        With the Triton backend the step tail writes into buffers allocated once per call (two x buffers used in
+        turn, and one x0'): the tensors a ``callback`` receives are valid during the callback and are
+        overwritten by later steps, so clone what must be kept. The returned sample is not overwritten.
         """
         _check_inputs(x_start, I, V)
         choice = resolve_backend(self.backend, x_start.device)
-        if choice.name != "torch":  # pragma: no cover - the Triton tail is its own module
-            raise NotImplementedError(f"{choice.describe()}: only the torch step is implemented")
         table = self.table(x_start.device)
         if state is None:
             state = em_init(I)
         else:
             state.reset()
+        workspace, x_bufs = None, ()
+        if choice.name == "triton":
+            from ddfm_fast.kernels.em_tail import TailWorkspace
+
+            workspace = TailWorkspace.create(I, rgb=True)
+            x_bufs = (workspace.x_prev, torch.empty_like(workspace.x_prev))
         x = x_start
         x0 = x_start
         for j in range(self.num_steps):
-            x_prev, x0 = self.step(model, x, j, I, V, state, table)
+            out = x_bufs[j % 2] if x_bufs else None  # x_t and x_{t-1} never share a buffer
+            x_prev, x0 = self.step(model, x, j, I, V, state, table, workspace=workspace, out=out)
             if callback is not None:
                 callback(StepOutput(j, self.num_steps - 1 - j, x, x0, x_prev, state))
             x = x_prev
@@ -166,10 +199,13 @@ def step_tail_torch(
     rho: float,
     tau_reduce: TauReduce = "batch",
     clip_denoised: bool = True,
+    tv_prox: TVProx = "shrink",
+    tv_threshold: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Everything of a step after the UNet, in plain torch (the oracle for the Triton tail).
 
     ``coef`` is one row of :class:`~ddfm_fast.schedule.StepTable` (c1, c2, sqrt(ac_prev), sqrt(1 - ac_prev)).
+    ``tv_prox`` / ``tv_threshold`` select the EM step's F update (see :func:`ddfm_fast.em.em_step`).
     Returns ``(x_prev, pred_xstart)``; ``state`` is updated in place.
     """
     c1, c2 = coef[C1], coef[C2]
@@ -177,7 +213,7 @@ def step_tail_torch(
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
     ycc = color.luminance_for_em(x0)
-    F, _ = em_step(ycc[:, 0:1], I, V, state, lamb, rho, tau_reduce)
+    F, _ = em_step(ycc[:, 0:1], I, V, state, lamb, rho, tau_reduce, tv_prox, tv_threshold)
     x0 = color.rgb_from_em(torch.cat([F, ycc[:, 1:]], dim=1))
     eps = (c1 * x_t - x0) / c2
     x_prev = x0 * coef[SQRT_AC_PREV] + coef[SQRT_1M_AC_PREV] * eps
