@@ -8,6 +8,7 @@ fused luminance is anchored to), and the paper's numbers come from that assignme
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -18,6 +19,9 @@ from torch import nn
 
 from ddfm_fast import io
 from ddfm_fast.checkpoint import load_model
+from ddfm_fast.em import TVProx
+from ddfm_fast.em_only import fuse_em_only
+from ddfm_fast.fast import FastDDFMSampler, FastOptions
 from ddfm_fast.sampler import DDFMSampler, StepOutput
 from ddfm_fast.schedule import Respacing
 
@@ -28,7 +32,7 @@ SIZE_MULTIPLE = 32
 
 
 class NoDefaultModelError(RuntimeError):
-    """No model was given and this version ships no default prior."""
+    """No model was given and the shipped default prior is not available."""
 
 
 @dataclass
@@ -60,16 +64,35 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DEFAULT_PRIOR = "ddfm-small"
+
+
+class DefaultPriorNotice(UserWarning):
+    """Says which prior ``fuse`` used when no model was given (filter it with the warnings module)."""
+
+
 def resolve_model(
     model: ModelSpec, *, model_config: Any = None, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> nn.Module:
-    """A loaded module as it is (moved to ``device``), or a checkpoint path / preset name loaded strictly."""
+    """A loaded module as it is (moved to ``device``), a checkpoint path / preset name loaded strictly, or, for
+    ``None``, the small prior shipped inside the package (with a one-line notice)."""
     if model is None:
-        raise NoDefaultModelError(
-            "no model given and no default prior is shipped yet: pass model=<checkpoint path or preset> "
-            "(e.g. 'adm256-uncond' for the paper's 256x256_diffusion_uncond.pt; see ddfm_fast.checkpoint.PRESETS), "
-            "or --checkpoint on the command line"
+        from ddfm_fast.checkpoint import PRESETS, resolve_preset
+
+        try:
+            path = resolve_preset(DEFAULT_PRIOR)
+        except Exception as exc:  # the package was installed without its weights
+            raise NoDefaultModelError(
+                f"no model given and the shipped prior '{DEFAULT_PRIOR}' cannot be loaded ({exc}); pass "
+                "model=<checkpoint path or preset> (e.g. 'adm256-uncond' for the paper's 256x256_diffusion_uncond.pt), "
+                "or --checkpoint on the command line"
+            ) from exc
+        warnings.warn(
+            f"ddfm-fast: using the shipped prior '{DEFAULT_PRIOR}' ({PRESETS[DEFAULT_PRIOR].description.split(';')[0]}); "
+            "for the paper's model pass model='adm256-uncond' (CLI: --checkpoint adm256-uncond)",
+            DefaultPriorNotice, stacklevel=3,
         )
+        return load_model(path, device=device, dtype=dtype)
     if isinstance(model, nn.Module):
         return model.to(device)
     return load_model(model, config=model_config, device=device, dtype=dtype)
@@ -102,6 +125,15 @@ def _describe(src: Any) -> str:
     return str(src) if isinstance(src, (str, Path)) else f"<{type(src).__name__}>"
 
 
+def postprocess_luma(F: torch.Tensor, out_hw: tuple[int, int]) -> FusionResult:
+    """The official post-processing applied to a luminance (H, W) in [-1, 1] (EM-only fusion has no RGB sample)."""
+    h, w = out_hw
+    luma = F[..., :h, :w].detach().float().cpu().numpy().astype(np.float32)
+    fused = io.to_uint8_official(io.minmax_0_255(luma))
+    sample = torch.from_numpy(luma).expand(3, h, w).clone()
+    return FusionResult(fused=fused, luma=luma, sample=sample)
+
+
 def postprocess(sample: torch.Tensor, out_hw: tuple[int, int]) -> FusionResult:
     """The official post-processing of one (3, H, W) sample, after cropping any padding away.
 
@@ -129,6 +161,10 @@ def fuse(
     backend: str = "auto",
     device: Union[str, torch.device, None] = None,
     callback: Optional[Callable[[StepOutput], None]] = None,
+    tv_prox: TVProx = "shrink",
+    tv_threshold: Optional[float] = None,
+    fast: Union[FastOptions, str, None] = None,
+    prior: str = "diffusion",
 ) -> Union[FusionResult, list[FusionResult]]:
     """Fuse an infrared (or functional) image with a visible (or MRI) image by DDFM.
 
@@ -145,6 +181,12 @@ def fuse(
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the step tail.
         device: where to run; default CUDA when available, else CPU.
         callback: called after every step with a :class:`~ddfm_fast.sampler.StepOutput`.
+        tv_prox, tv_threshold: the EM step's F update, ``"shrink"`` (official) or ``"soft"`` with its threshold
+            (see :func:`ddfm_fast.em.em_step`).
+        fast: accelerations (:class:`~ddfm_fast.fast.FastOptions`, or the presets ``"faithful"`` / ``"fast"``);
+            ``None`` runs the faithful fp32 sampler. The model is cast to ``fast.dtype`` in place.
+        prior: ``"diffusion"`` (DDFM) or ``"none"``: the paper's ablation I, EM iterations only from
+            ``(I + V) / 2`` (``steps`` iterations, default 100; no model, so ``model`` must be None).
 
     Returns:
         A :class:`FusionResult`, or a list of them when lists were given.
@@ -155,19 +197,35 @@ def fuse(
     irs, viss = (list(ir), list(vis)) if many else ([ir], [vis])
     if not irs:
         raise ValueError("no image pairs given")
+    if prior not in ("diffusion", "none"):
+        raise ValueError(f"prior must be 'diffusion' or 'none', got {prior!r}")
+    if prior == "none" and model is not None:
+        raise ValueError("prior='none' is EM only (ablation I) and uses no model; do not pass a model/checkpoint")
     dev = torch.device(device) if device is not None else default_device()
-    net = resolve_model(model, model_config=model_config, device=dev)
-    n_steps = steps if steps is not None else int(getattr(net, "default_steps", 100))
-
     pairs = [_prepare_pair(a, b, size_policy, SIZE_MULTIPLE) for a, b in zip(irs, viss)]
     results: list[Optional[FusionResult]] = [None] * len(pairs)
     # Group same-size pairs into one batch each.
     groups: dict[tuple[int, int], list[int]] = {}
     for k, (anchor, _, _) in enumerate(pairs):
         groups.setdefault(tuple(anchor.shape[-2:]), []).append(k)
+
+    if prior == "none":
+        n_iter = int(steps) if steps is not None else 100
+        for members in groups.values():
+            I = torch.cat([pairs[k][0] for k in members]).to(dev)  # noqa: E741
+            V = torch.cat([pairs[k][1] for k in members]).to(dev)
+            F = fuse_em_only(I, V, steps=n_iter, lamb=lamb, rho=rho, tau_reduce="image")
+            for b, k in enumerate(members):
+                results[k] = postprocess_luma(F[b, 0], pairs[k][2])
+        return results if many else results[0]  # type: ignore[return-value]
+
+    net = resolve_model(model, model_config=model_config, device=dev)
+    n_steps = steps if steps is not None else int(getattr(net, "default_steps", 100))
+    options = FastOptions.preset(fast) if isinstance(fast, str) else fast
     for hw, members in groups.items():
-        sampler = DDFMSampler(n_steps, lamb=lamb, rho=rho, backend=backend,
-                              tau_reduce="batch" if len(members) == 1 else "image")
+        tau_reduce = "batch" if len(members) == 1 else "image"
+        sampler = _sampler(n_steps, lamb=lamb, rho=rho, backend=backend, tau_reduce=tau_reduce,
+                           tv_prox=tv_prox, tv_threshold=tv_threshold, options=options)
         I = torch.cat([pairs[k][0] for k in members]).to(dev)  # noqa: E741
         V = torch.cat([pairs[k][1] for k in members]).to(dev)
         x_start = torch.cat([initial_noise((1, 3, *hw), seed) for _ in members]).to(dev)
@@ -175,3 +233,16 @@ def fuse(
         for b, k in enumerate(members):
             results[k] = postprocess(out[b], pairs[k][2])
     return results if many else results[0]  # type: ignore[return-value]
+
+
+# Fast samplers keep compiled steps and captured graphs; reuse them across fuse() calls with the same settings.
+_FAST_SAMPLERS: dict[tuple, FastDDFMSampler] = {}
+
+
+def _sampler(steps: Respacing, *, options: Optional[FastOptions], **kwargs: Any) -> DDFMSampler:
+    if options is None:
+        return DDFMSampler(steps, **kwargs)
+    key = (str(steps), options, tuple(sorted(kwargs.items())))
+    if key not in _FAST_SAMPLERS:
+        _FAST_SAMPLERS[key] = FastDDFMSampler(steps, options=options, **kwargs)
+    return _FAST_SAMPLERS[key]

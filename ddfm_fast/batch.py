@@ -504,6 +504,8 @@ def run_folder(
     bar: Optional[ProgressFactory] = None,
     step_bar: Optional[ProgressFactory] = None,
     progress_dir: Optional[Path] = None,
+    shard: Optional[Callable[[list[Pair]], list[Pair]]] = None,
+    write_summary: bool = True,
 ) -> RunSummary:
     """Fuse every pair of ``pairing`` into ``out_dir/<stem><suffix>`` and write ``out_dir/ddfm_summary.json``.
 
@@ -512,6 +514,10 @@ def run_folder(
     fused ``settings.batch_size`` at a time. The summary is written even when the run is interrupted
     (``complete: false``). ``bar``/``step_bar`` are tqdm-like factories for the image and step progress bars.
     ``progress_dir`` (only for a pairing of exactly one pair) receives that pair's per-step images.
+
+    Distributed hooks (``ddfm_fast.distributed``; both unused by a single-process run): ``shard`` receives the
+    pending pairs (outputs missing, after the resume check) and returns the ones this process fuses;
+    ``write_summary=False`` leaves the summary file to the caller (rank 0 writes the merged one).
     """
     out_dir = Path(out_dir)
     if progress_dir is not None and len(pairing.pairs) != 1:
@@ -537,6 +543,8 @@ def run_folder(
                                     "reason": "output exists (resume; --overwrite to redo)"})
         else:
             todo.append(pair)
+    if shard is not None:  # distributed hook: this rank's share of the pending pairs (a collective call)
+        todo = shard(todo)
     if summary.skipped:
         stale = _stale_settings(out_dir, summary.settings)
         if stale:
@@ -622,7 +630,8 @@ def run_folder(
             records.sort(key=lambda rec: rec.get("stem", ""))
         summary.finished = _now()
         summary.wall_s = time.perf_counter() - t0
-        summary.write(out_dir)
+        if write_summary:  # distributed hook: False on every rank, rank 0 writes the merged summary
+            summary.write(out_dir)
     return summary
 
 

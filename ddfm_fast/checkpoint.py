@@ -26,7 +26,7 @@ from typing import Any, Union
 
 import torch
 
-from ddfm_fast.unet import ADM256_UNCOND_ARGS, UNetConfig, UNetModel
+from ddfm_fast.unet import ADM256_UNCOND_ARGS, DDFM_SMALL_ARGS, UNetConfig, UNetModel
 
 PathLike = Union[str, "os.PathLike[str]"]
 ConfigLike = Union[None, UNetConfig, Mapping[str, Any], PathLike]
@@ -64,7 +64,12 @@ class Preset:
     url: str | None = None
     default_steps: int = 100
     sha256: str | None = None  # checked on load when known
+    packaged: bool = False  # shipped inside the package (ddfm_fast/weights/), never looked up elsewhere
 
+
+# The shipped prior's own step count (also in its file's metadata, which load_model reads first).
+DEFAULT_STEPS_SMALL = 10
+PACKAGED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 PRESETS: dict[str, Preset] = {
     "adm256-uncond": Preset(
@@ -73,6 +78,15 @@ PRESETS: dict[str, Preset] = {
         create_model_args=ADM256_UNCOND_ARGS,
         description="guided-diffusion 256x256 unconditional ImageNet ADM, the prior of the DDFM paper",
         url="https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
+    ),
+    "ddfm-small": Preset(
+        name="ddfm-small",
+        filename="ddfm-small.safetensors",
+        create_model_args=DDFM_SMALL_ARGS,
+        description="small fully convolutional prior (1.7 M parameters) trained by ddfm-fast train-prior on "
+        "RoadScene/MSRS/TNO training images; shipped with the package, for quick CPU fusion",
+        default_steps=DEFAULT_STEPS_SMALL,
+        packaged=True,
     ),
 }
 DEFAULT_PRESET = "adm256-uncond"
@@ -85,7 +99,7 @@ def weights_home() -> Path:
 
 def _preset_search_dirs() -> list[Path]:
     # The package folder is where small priors shipped with ddfm-fast live.
-    return [weights_home(), Path(__file__).resolve().parent / "weights"]
+    return [weights_home(), PACKAGED_WEIGHTS_DIR]
 
 
 def _unknown_preset(name: str) -> CheckpointError:
@@ -101,6 +115,14 @@ def resolve_preset(name: str) -> Path:
     if name not in PRESETS:
         raise _unknown_preset(name)
     preset = PRESETS[name]
+    if preset.packaged:
+        candidate = PACKAGED_WEIGHTS_DIR / preset.filename
+        if candidate.is_file():
+            return candidate
+        raise CheckpointError(
+            f"preset '{name}' is shipped with ddfm-fast as {candidate}, but that file is missing: the package was "
+            "installed without its package data. Reinstall ddfm-fast (pip install --force-reinstall ddfm-fast)."
+        )
     dirs = _preset_search_dirs()
     for folder in dirs:
         candidate = folder / preset.filename

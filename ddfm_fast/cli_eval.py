@@ -197,12 +197,27 @@ def eval_command(fused_dir: Path, ir_dir: Path | None, vis_dir: Path | None, fun
     pairing = pair_by_stem({"fused": fused_dir, "A": a_dir, "B": b_dir}, driver="fused",
                            describe={"A": f"A ({role_a})", "B": f"B ({role_b})"})
     rows: dict[str, dict[str, float]] = {}
-    for stem, files in tqdm(list(zip(pairing.stems, pairing.files)), desc="eval", unit="img", file=sys.stderr,
-                            disable=None, leave=False):
+    work = list(zip(pairing.stems, pairing.files))
+    dctx = _eval_session()  # distributed hook: under torchrun each rank scores a shard (None otherwise)
+    if dctx is not None:
+        from ddfm_fast import distributed
+
+        costs = [distributed.image_pixels(files["fused"], multiple=1) for _, files in work]
+        work = [work[i] for i in distributed.lpt_shards(pairing.stems, costs, dctx.world_size)[dctx.rank]]
+    first_scoring_skip = len(pairing.skipped)
+    for stem, files in tqdm(work, desc="eval", unit="img", file=sys.stderr,
+                            disable=None if dctx is None or dctx.is_main else True, leave=False):
         try:
             rows[stem] = _score_one(files, variant, crop_sources)
         except (ImageReadError, ValueError) as e:
             pairing.skipped.append(Skipped(stem, str(e)))
+    if dctx is not None:  # distributed hook: rank 0 gathers rows (in stem order, as one process scores them)
+        gathered = distributed.finish_eval(dctx, rows, pairing.skipped[first_scoring_skip:])
+        if gathered is None:  # not rank 0: wait for rank 0's files and exit with its code
+            _end_eval_session(dctx, None)
+        all_rows, scoring_skips = gathered
+        rows = {stem: all_rows[stem] for stem in pairing.stems if stem in all_rows}
+        pairing.skipped[first_scoring_skip:] = scoring_skips
     pairing.skipped.sort(key=lambda s: s.image)
 
     mean = {k: float(np.mean([r[k] for r in rows.values()])) for k in METRIC_NAMES} if rows else {}
@@ -220,8 +235,36 @@ def eval_command(fused_dir: Path, ir_dir: Path | None, vis_dir: Path | None, fun
         _write_text(csv_path, _eval_csv(rows, mean))
         _write_text(json_path, _eval_json(rows, mean, pairing, mode, variant, fused_dir, a_dir, b_dir))
         click.echo(f"wrote {csv_path} and {json_path}", err=True)
+    if dctx is not None:  # distributed hook: rank 0 tells the others its exit code, then all exit together
+        _end_eval_session(dctx, 0 if rows else 1)
     if not rows:
         raise SystemExit(1)
+
+
+def _eval_session():
+    """The process group of a torchrun eval (gloo, CPU), or None for a single-process run."""
+    import torch
+
+    from ddfm_fast import distributed
+
+    try:
+        env = distributed.env_from_environ()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if env is None:
+        return None
+    return distributed.init(env, torch.device("cpu"))  # closed by _end_eval_session
+
+
+def _end_eval_session(ctx, code: int | None) -> None:
+    """All ranks take rank 0's exit code (``code``), meet at a barrier, tear the group down and exit."""
+    from ddfm_fast import distributed
+
+    try:
+        code = distributed.agree_exit(ctx, 0 if code is None else code)
+    finally:
+        ctx.close()
+    raise SystemExit(code)
 
 
 def _eval_csv(rows: dict[str, dict[str, float]], mean: dict[str, float]) -> str:

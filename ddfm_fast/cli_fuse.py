@@ -82,7 +82,17 @@ prior (preset adm256-uncond) with its 100 steps unless --checkpoint / --steps
 say otherwise. Flags that contradict it are rejected.
 
 \b
-Exit codes: 0 success, 1 error, 2 usage error, 3 some pairs failed.
+Many GPUs / nodes (folder runs): torchrun --nproc-per-node N -m ddfm_fast fuse
+--ir-dir A --vis-dir B -o OUT. Each rank fuses a share of the pending pairs
+(balanced by image size) on its own GPU (LOCAL_RANK; CPU when there is none),
+rank 0 writes the one summary (with per-rank counts and images/s). Outputs are
+identical to a single-process run at --batch-size 1 (the default) and the same
+thread count; resume works with any number of ranks.
+
+\b
+Exit codes: 0 success, 1 error, 2 usage error, 3 some pairs failed (under
+torchrun every rank exits 3 when a pair failed on any rank, and torchrun
+itself exits 1).
 """
 
 
@@ -182,13 +192,21 @@ def _same_path(a: Path, b: Path) -> bool:
 
 
 def _load_model(checkpoint: Optional[str], model_config: Optional[Path], device: Any) -> Any:
-    from ddfm_fast.api import NoDefaultModelError, resolve_model
+    from ddfm_fast.api import DefaultPriorNotice, NoDefaultModelError, resolve_model
     from ddfm_fast.checkpoint import CheckpointError
 
     try:
-        return resolve_model(checkpoint, model_config=model_config, device=device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DefaultPriorNotice)
+            model = resolve_model(checkpoint, model_config=model_config, device=device)
     except (NoDefaultModelError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from exc
+    for w in caught:  # the one-line notice about the shipped prior, without the warnings module's decoration
+        if issubclass(w.category, DefaultPriorNotice):
+            click.echo(str(w.message), err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
 
 
 def _die_on_input_error(func: Any) -> Any:
@@ -335,7 +353,12 @@ def fuse_command(ctx: click.Context, **p: Any) -> None:
                 raise click.BadParameter(f"{progress_dir} is inside the output folder {out}; name another folder",
                                          param_hint="--progress-dir")
 
-    device = _device(p["device"])
+    # --- distributed hook (ddfm_fast.distributed): under torchrun (WORLD_SIZE > 1) folder runs are sharded.
+    dist_env = _dist_env()
+    if dist_env is not None and pairing is None:
+        raise click.UsageError("torchrun shards folder runs (--ir-dir/--vis-dir); fuse a single pair without "
+                               "torchrun")
+    device = _device(p["device"]) if dist_env is None else _dist_device(dist_env, p["device"])
     from ddfm_fast.dispatch import BackendError, resolve_backend
 
     try:
@@ -372,9 +395,15 @@ def fuse_command(ctx: click.Context, **p: Any) -> None:
         "paper": bool(p["paper"]),
         "overwrite": bool(p["overwrite"]),
     }
+    inputs = {r.ir: str(folder_ir), r.vis: str(folder_vis)}
+    if dist_env is not None:  # distributed hook: shard, fuse, gather to rank 0, exit together
+        code = _fuse_distributed(dist_env, model, pairing, out, settings, device=device, overwrite=p["overwrite"],
+                                 summary_settings=summary_settings, inputs=inputs, bar=bar,
+                                 progress_dir=progress_dir)
+        ctx.exit(code)
     summary = batch.run_folder(
         model, pairing, out, settings, device=device, overwrite=p["overwrite"],
-        summary_settings=summary_settings, inputs={r.ir: str(folder_ir), r.vis: str(folder_vis)},
+        summary_settings=summary_settings, inputs=inputs,
         bar=bar, step_bar=bar, progress_dir=progress_dir,
     )
     rate = summary.images_per_s
@@ -391,6 +420,72 @@ def fuse_command(ctx: click.Context, **p: Any) -> None:
         for item in summary.failed:
             click.echo(f"failed: {item['stem']}: {item['reason']}", err=True)
         ctx.exit(EXIT_PAIRS_FAILED)
+
+
+# --------------------------------------------------------------------------------------------------- torchrun
+
+
+def _dist_env() -> Any:
+    from ddfm_fast import distributed
+
+    try:
+        return distributed.env_from_environ()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _dist_device(env: Any, text: Optional[str]) -> Any:
+    from ddfm_fast import distributed
+
+    try:
+        return distributed.choose_device(env, text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
+
+
+def _fuse_distributed(env: Any, model: Any, pairing: batch.Pairing, out: Path, settings: batch.RunSettings, *,
+                      device: Any, overwrite: bool, summary_settings: dict[str, Any], inputs: dict[str, str],
+                      bar: Any, progress_dir: Optional[Path]) -> int:
+    """One rank of a torchrun folder run (see ``ddfm_fast.distributed``); returns the exit code all ranks share.
+
+    Rank 0 shows the progress bars and prints the totals; every rank prints its own failures as they happen.
+    """
+    from ddfm_fast import distributed
+
+    with distributed.session(env, device) as dctx:
+        policy = settings.size_policy
+        side = "vis" if settings.resize == "vis" else "ir"  # the side whose size the model sees
+
+        def shard(pending: list[batch.Pair]) -> list[batch.Pair]:
+            return distributed.plan_shards(dctx, pending, keys=lambda pr: pr.stem,
+                                           cost=lambda pr: distributed.image_pixels(getattr(pr, side), policy))
+
+        summary = batch.run_folder(
+            model, distributed.replace_pairing_for_rank(pairing, env.rank), out, settings, device=device,
+            overwrite=overwrite, summary_settings=summary_settings, inputs=inputs,
+            bar=bar if env.is_main else None, step_bar=bar if env.is_main else None, progress_dir=progress_dir,
+            shard=shard, write_summary=False,
+        )
+        code, doc = distributed.finish_fuse(dctx, summary, out, EXIT_PAIRS_FAILED)
+    if doc is not None:
+        counts, timing = doc["counts"], doc["timing"]
+        rate = timing["images_per_s"]
+        click.echo(
+            f"{counts['done']} fused, {counts['skipped']} skipped (output exists), {counts['failed']} failed, "
+            f"{counts['unpaired']} unpaired file(s) on {env.world_size} ranks"
+            + (f"; {rate:.3g} images/s" if rate else "")
+            + f"; summary: {out / batch.SUMMARY_NAME}",
+            err=True,
+        )
+        for rank in doc["distributed"]["ranks"]:
+            r_rate = rank["images_per_s"]
+            click.echo(f"rank {rank['rank']} ({rank['host']}, {rank['device']}): {rank['done']} fused, "
+                       f"{rank['failed']} failed" + (f", {r_rate:.3g} images/s" if r_rate else ""), err=True)
+        for item in doc["unpaired"]:
+            click.echo(f"unpaired: {item['file']}: {item['reason']}", err=True)
+        for item in doc["failed"]:
+            click.echo(f"failed (rank {item['rank']}): {item['stem']}: {item['reason']}", err=True)
+    return code
 
 
 # --------------------------------------------------------------------------------------------------- info
@@ -433,7 +528,7 @@ def info_report() -> dict[str, Any]:
         "presets": presets,
         "preset_search_dirs": [str(d) for d in _preset_search_dirs()],
         "environment": {k: os.environ.get(k) for k in (ENV_BACKEND, "DDFM_FAST_HOME", "TRITON_INTERPRET")},
-        "default_checkpoint": None,
+        "default_checkpoint": "ddfm-small",
     }
 
 
@@ -454,7 +549,8 @@ def _format_info(rep: dict[str, Any]) -> str:
         where = f"found at {pr['found']}" if pr["found"] else f"not found; download from {pr['url']}"
         lines.append(f"  {pr['name']}: {pr['description']}")
         lines.append(f"    file {pr['file']} ({pr['default_steps']} steps by default): {where}")
-    lines.append("default checkpoint: none shipped yet; `fuse` needs --checkpoint (--paper uses adm256-uncond)")
+    lines.append("default checkpoint: the shipped prior 'ddfm-small' (--checkpoint adm256-uncond for the paper's; "
+                 "--paper uses adm256-uncond)")
     env = ", ".join(f"{k}={val}" for k, val in rep["environment"].items() if val is not None) or "none set"
     lines.append(f"environment: {env}")
     return "\n".join(lines)

@@ -60,7 +60,7 @@ _CREATE_MODEL_DEFAULTS: dict[str, Any] = {
 }
 _CREATE_MODEL_REQUIRED = ("image_size", "num_channels", "num_res_blocks")
 # ddfm-fast extensions accepted next to the official arguments (not understood by create_model).
-_CREATE_MODEL_EXTENSIONS = ("norm_groups",)
+_CREATE_MODEL_EXTENSIONS = ("norm_groups", "middle_attention")
 
 
 def _number(value: float) -> float:
@@ -102,7 +102,11 @@ class UNetConfig:
     *downsample rates* (1 = full resolution), not pixel sizes; ``from_create_model_args`` converts.
     ``use_fp16`` and ``use_checkpoint`` are recorded for completeness: precision is chosen by the
     caller (``load_model(dtype=...)``) and ``use_checkpoint`` only enables gradient checkpointing.
-    ``norm_groups`` is a ddfm-fast extension for small models (32 = the official GroupNorm32).
+    ``norm_groups`` and ``middle_attention`` are ddfm-fast extensions for small models; their defaults (32 = the
+    official GroupNorm32; True = ADM's ResBlock-attention-ResBlock middle) leave the official layout unchanged.
+    ``middle_attention=False`` drops the middle block's attention (its two ResBlocks keep the keys
+    ``middle_block.0`` and ``middle_block.1``), so a model without any attention is fully convolutional and its
+    cost grows linearly with the image area.
     """
 
     image_size: int
@@ -123,6 +127,7 @@ class UNetConfig:
     use_fp16: bool = False
     norm_groups: int = 32
     norm_eps: float = 1e-5
+    middle_attention: bool = True
 
     def __post_init__(self) -> None:
         # Lists from JSON become tuples so the config stays hashable and immutable.
@@ -186,6 +191,7 @@ class UNetConfig:
             use_checkpoint=bool(a["use_checkpoint"]),
             use_fp16=bool(a["use_fp16"]),
             norm_groups=int(a.get("norm_groups", 32)),
+            middle_attention=bool(a.get("middle_attention", True)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,6 +254,28 @@ ADM256_UNCOND_ARGS: Mapping[str, Any] = MappingProxyType(
     }
 )
 ADM256_UNCOND_CONFIG = UNetConfig.from_create_model_args(ADM256_UNCOND_ARGS)
+
+# The shipped small prior (preset "ddfm-small", trained by ``ddfm-fast train-prior``): 16/32/64/64 channels at
+# 1, 1/2, 1/4, 1/8 resolution, two ResBlocks per level, no attention anywhere (fully convolutional, cost linear
+# in the image area), GroupNorm with 8 groups (16 channels cannot take ADM's 32), epsilon only
+# (learn_sigma=False). 1.70 M parameters, 6.8 MB in float32. Chosen by its forward time at 480x640 on the 2-core
+# dev CPU (about 1 s with 2 threads when the machine is otherwise idle). Its weights file carries this config in
+# its metadata; the copy here is what ``train-prior`` builds by default.
+DDFM_SMALL_ARGS: Mapping[str, Any] = MappingProxyType(
+    {
+        "image_size": 64,
+        "num_channels": 32,
+        "num_res_blocks": 2,
+        "channel_mult": "0.5,1,2,2",
+        "learn_sigma": False,
+        "attention_resolutions": "",
+        "use_scale_shift_norm": True,
+        "resblock_updown": False,
+        "dropout": 0.0,
+        "norm_groups": 8,
+        "middle_attention": False,
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,9 +531,10 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = EmbedSequential(
-            ResBlock(c, ch), AttentionBlock(c, ch, c.heads_for(ch)), ResBlock(c, ch)
-        )
+        middle: list[nn.Module] = [ResBlock(c, ch)]
+        if c.middle_attention:
+            middle.append(AttentionBlock(c, ch, c.heads_for(ch)))
+        self.middle_block = EmbedSequential(*middle, ResBlock(c, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):

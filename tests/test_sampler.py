@@ -18,7 +18,7 @@ from PIL import Image
 
 import ddfm_fast
 from ddfm_fast import io
-from ddfm_fast.api import NoDefaultModelError, initial_noise, postprocess
+from ddfm_fast.api import DefaultPriorNotice, NoDefaultModelError, initial_noise, postprocess
 from ddfm_fast.compat import create_sampler
 from ddfm_fast.dispatch import BackendError, resolve_backend
 from ddfm_fast.sampler import DDFMSampler
@@ -211,10 +211,33 @@ def test_fuse_rejects_mismatched_sizes(tiny, data_dir, tmp_path):
         ddfm_fast.fuse(ir, tmp_path / "small.png", model=tiny, steps=2, device="cpu")
 
 
-def test_fuse_without_a_model_says_how_to_pass_one(data_dir, tmp_path):
+def test_fuse_without_a_model_uses_the_shipped_prior_and_says_so(data_dir, tmp_path):
+    ir, vi = _crop_pair(data_dir, tmp_path, 64, 64)
+    with pytest.warns(DefaultPriorNotice, match="ddfm-small.*adm256-uncond"):
+        res = ddfm_fast.fuse(ir, vi, device="cpu", steps=2)
+    assert res.fused.shape == (64, 64)
+
+
+def test_fuse_without_a_model_and_without_packaged_weights_says_how_to_pass_one(data_dir, tmp_path, monkeypatch):
+    from ddfm_fast import checkpoint
+
+    monkeypatch.setattr(checkpoint, "PACKAGED_WEIGHTS_DIR", tmp_path / "nowhere")
     ir, vi = _crop_pair(data_dir, tmp_path, 64, 64)
     with pytest.raises(NoDefaultModelError, match="checkpoint"):
         ddfm_fast.fuse(ir, vi, device="cpu")
+
+
+def test_prior_none_is_em_only(data_dir, tmp_path, tiny):
+    from ddfm_fast.em_only import fuse_em_only
+
+    ir, vi = _crop_pair(data_dir, tmp_path, 50, 70)
+    res = ddfm_fast.fuse(ir, vi, prior="none", steps=5, device="cpu")
+    I = io.reflect_pad_to_multiple(io.to_model_range(io.read_gray(vi)))  # noqa: E741
+    V = io.reflect_pad_to_multiple(io.to_model_range(io.read_gray(ir)))
+    F = fuse_em_only(I, V, steps=5)[0, 0, :50, :70]
+    np.testing.assert_array_equal(res.fused, io.to_uint8_official(io.minmax_0_255(F.numpy())))
+    with pytest.raises(ValueError, match="no model"):
+        ddfm_fast.fuse(ir, vi, prior="none", model=tiny)
 
 
 def test_missing_image_is_named(tiny, tmp_path):
