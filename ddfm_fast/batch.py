@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ddfm_fast import api, io
+from ddfm_fast.fast import DTYPES, FastOptions
 from ddfm_fast.sampler import StepOutput
 from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS, Respacing, space_timesteps
 
@@ -95,9 +96,21 @@ class RunSettings:
     output: OutputKind = "gray"
     resize: Optional[Literal["ir", "vis"]] = None
     batch_size: int = 1
+    prior: str = "diffusion"
+    tv_prox: str = "shrink"
+    tv_threshold: Optional[float] = None
+    # Accelerations (ddfm_fast.fast.FastOptions); all off is the faithful fp32 sampler.
+    dtype: str = "fp32"
+    compile: bool = False
+    compile_mode: str = "default"
+    cuda_graphs: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         roles(self.mode)
+        if self.prior not in ("diffusion", "none"):
+            raise ValueError(f"prior must be 'diffusion' or 'none', got {self.prior!r}")
+        self.fast_options()  # validates dtype and compile_mode
         if self.output not in OUTPUT_KINDS:
             raise ValueError(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {self.output!r}")
         if self.resize not in (None, "ir", "vis"):
@@ -116,9 +129,18 @@ class RunSettings:
         """The output file suffix: ``.npy`` for raw npy output, else ``.png``."""
         return ".npy" if self.output == "npy" else ".png"
 
+    def fast_options(self) -> Optional[FastOptions]:
+        """The accelerations asked for, or None for the faithful sampler."""
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        options = FastOptions(dtype=DTYPES[self.dtype], channels_last=self.channels_last, compile=self.compile,
+                              compile_mode=self.compile_mode, cuda_graphs=self.cuda_graphs)
+        return None if options == FastOptions() else options
+
     def fuse_kwargs(self) -> dict[str, Any]:
         return dict(steps=self.steps, seed=self.seed, lamb=self.lamb, rho=self.rho,
-                    size_policy=self.size_policy, backend=self.backend)
+                    size_policy=self.size_policy, backend=self.backend, prior=self.prior,
+                    tv_prox=self.tv_prox, tv_threshold=self.tv_threshold, fast=self.fast_options())
 
     def num_steps(self, model: nn.Module) -> int:
         """How many steps a run makes with ``model`` (``steps=None`` means the model's default)."""

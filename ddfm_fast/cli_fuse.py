@@ -155,6 +155,10 @@ def _paper_conflicts(ctx: click.Context, p: dict[str, Any]) -> list[str]:
         conflicts.append("--resize-to-* (the paper fuses registered pairs of equal size)")
     if p["batch_size"] != 1:
         conflicts.append(f"--batch-size {p['batch_size']} (the official driver fuses one image at a time)")
+    if p["prior"] != "diffusion":
+        conflicts.append("--prior none (the paper's protocol samples the diffusion prior)")
+    if p["tv_prox"] != "shrink":
+        conflicts.append("--tv-prox soft (the official code shrinks linearly)")
     return conflicts
 
 
@@ -260,6 +264,26 @@ def _die_on_input_error(func: Any) -> Any:
               help="Fuse up to N same-size pairs at once (one EM tau per image; equal to single runs "
                    "up to float tolerance).")
 @click.option("--overwrite", is_flag=True, help="Redo pairs whose output exists (default: skip them, resume).")
+@click.option("--prior", type=click.Choice(["diffusion", "none"]), default="diffusion", show_default=True,
+              help="'none': the paper's ablation I, EM iterations only from (I+V)/2 (--steps iterations, "
+                   "default 100); no model, so no --checkpoint.")
+@click.option("--tv-prox", type=click.Choice(["shrink", "soft"]), default="shrink", show_default=True,
+              help="EM step's F update: 'shrink' (the official code) or 'soft' (the paper's Eqs. 26-27 soft "
+                   "threshold; needs --tv-threshold, since the paper's lamb/rho = 500 zeroes every gradient).")
+@click.option("--tv-threshold", type=click.FloatRange(min=0), default=None,
+              help="Soft threshold kappa for --tv-prox soft (e.g. 0.01).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="UNet body precision (GroupNorm and softmax stay fp32, the EM step is always fp32).")
+@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+              help="torch.compile the whole step (fullgraph).")
+@click.option("--compile-mode", type=click.Choice(["default", "max-autotune", "max-autotune-no-cudagraphs"]),
+              default="default", show_default=True, help="torch.compile mode.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="Capture one step as a CUDA graph and replay it for every step (CUDA only).")
+@click.option("--channels-last/--no-channels-last", default=False, show_default=True,
+              help="NHWC memory format for the UNet's convolutions.")
+@click.option("--fast", "fast_preset", is_flag=True,
+              help="The GPU fast path: --dtype fp16 --compile --compile-mode max-autotune-no-cudagraphs --cuda-graphs.")
 @click.option("--progress-bar/--no-progress-bar", "progress_bar", default=None,
               help="Show progress bars on stderr (default: only on a terminal).")
 @click.pass_context
@@ -308,9 +332,25 @@ def fuse_command(ctx: click.Context, **p: Any) -> None:
         size_policy = "crop"
         checkpoint = checkpoint or DEFAULT_PRESET
     steps = _parse_steps(p["steps"])
-    settings = batch.RunSettings(mode=mode, steps=steps, seed=p["seed"], size_policy=size_policy,
-                                 lamb=p["lamb"], rho=p["rho"], backend=p["backend"], output=output,
-                                 resize=resize, batch_size=p["batch_size"])
+    if p["prior"] == "none" and checkpoint is not None:
+        raise click.UsageError("--prior none is EM only (the paper's ablation I) and uses no model; "
+                               "drop --checkpoint" + (" (or --paper)" if p["paper"] else ""))
+    if p["tv_prox"] == "soft" and p["tv_threshold"] is None:
+        raise click.UsageError("--tv-prox soft needs --tv-threshold (e.g. 0.01): the paper's lamb/rho = 500 "
+                               "would zero every gradient and switch the TV term off")
+    if p["tv_threshold"] is not None and p["tv_prox"] != "soft":
+        raise click.UsageError("--tv-threshold only applies to --tv-prox soft")
+    fast = dict(dtype=p["dtype"], compile=p["compile_"], compile_mode=p["compile_mode"],
+                cuda_graphs=p["cuda_graphs"], channels_last=p["channels_last"])
+    if p["fast_preset"]:
+        fast.update(dtype="fp16", compile=True, compile_mode="max-autotune-no-cudagraphs", cuda_graphs=True)
+    try:
+        settings = batch.RunSettings(mode=mode, steps=steps, seed=p["seed"], size_policy=size_policy,
+                                     lamb=p["lamb"], rho=p["rho"], backend=p["backend"], output=output,
+                                     resize=resize, batch_size=p["batch_size"], prior=p["prior"],
+                                     tv_prox=p["tv_prox"], tv_threshold=p["tv_threshold"], **fast)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     out: Path = p["out"]
 
     # Check every input before loading a model (the ADM prior is 2.2 GB).
@@ -367,7 +407,7 @@ def fuse_command(ctx: click.Context, **p: Any) -> None:
             backend_choice = resolve_backend(settings.backend, device)
     except BackendError as exc:
         raise click.ClickException(str(exc)) from exc
-    model = _load_model(checkpoint, p["model_config"], device)
+    model = None if settings.prior == "none" else _load_model(checkpoint, p["model_config"], device)
     bar = _tqdm_factory(p["progress_bar"])
 
     if pairing is None:

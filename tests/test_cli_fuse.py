@@ -398,3 +398,28 @@ def test_help_states_modes_and_roles() -> None:
     text = run(["--help"]).output
     for word in ("--mode", "ivf", "mif", "--mri-dir", "--func-dir", "MRI plays the visible", "ddfm_summary.json"):
         assert word in text
+
+
+def test_prior_none_tv_prox_and_fast_flags(tmp_path: Path, one_pair, model_args) -> None:
+    ir, vis = map(str, one_pair)
+    res = run([ir, vis, "-o", str(tmp_path / "em.png"), "--prior", "none", "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    em = np.asarray(Image.open(tmp_path / "em.png"))
+    import ddfm_fast
+
+    expected = ddfm_fast.fuse(ir, vis, prior="none", steps=3, device="cpu").fused
+    np.testing.assert_array_equal(em, expected)
+    res = run([ir, vis, "-o", str(tmp_path / "x.png"), "--prior", "none", *model_args])
+    assert res.exit_code == 2 and "--prior none" in res.output
+    res = run([ir, vis, "-o", str(tmp_path / "x.png"), "--tv-prox", "soft", *model_args])
+    assert res.exit_code == 2 and "--tv-threshold" in res.output
+    res = run([ir, vis, "-o", str(tmp_path / "x.png"), "--tv-threshold", "0.1", *model_args])
+    assert res.exit_code == 2 and "only applies" in res.output
+    res = run([ir, vis, "-o", str(tmp_path / "soft.png"), "--tv-prox", "soft", "--tv-threshold", "0.01",
+               "--backend", "torch", *model_args, "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    res = run([ir, vis, "-o", str(tmp_path / "bf16.png"), "--dtype", "bf16", "--backend", "torch", *model_args,
+               "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    res = run([ir, vis, "-o", str(tmp_path / "x.png"), "--paper", "--prior", "none"])
+    assert res.exit_code == 2 and "--prior none" in res.output
