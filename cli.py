@@ -26,6 +26,12 @@ from ddfm_fast.cli_fuse import fuse_command, info_command  # noqa: E402
 main.add_command(fuse_command)
 main.add_command(info_command)
 
+from ddfm_fast.cli_bench import bench_command  # noqa: E402
+from ddfm_fast.cli_score import score_command  # noqa: E402
+
+main.add_command(score_command)
+main.add_command(bench_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

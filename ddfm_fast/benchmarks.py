@@ -1,0 +1,306 @@
+"""The speed waterfall behind ``ddfm-fast bench``: every acceleration added in turn, each row with its fidelity.
+
+Rows (the issue's order): fp32 eager with materialised attention (the official code's shape) -> fp16 ->
++ SDPA (flash / memory-efficient attention) -> + torch.compile -> + Triton step tail -> + CUDA graphs.
+Each row reports time per image, images/s, peak GPU memory and the PSNR of its 8-bit output against the fp32
+row's, on the same inputs (seeded noise, synthetic sources).
+
+Timing protocol: after one warm-up sample (compile and capture happen there and are reported apart as
+``compile_s``), ``step_s`` is the median over timed steps of a full sample; ``per_image_s`` is the wall time of
+one full N-step sample divided by the batch. Slow rows can be timed on fewer steps (``timed_steps``) and are then
+marked ``extrapolated``: their per-image time is ``N * step_s / batch``; such rows carry no PSNR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddfm_fast.api import postprocess
+from ddfm_fast.fast import FastDDFMSampler, FastOptions
+from ddfm_fast.unet import ADM256_UNCOND_CONFIG, UNetConfig, UNetModel
+
+
+@dataclass(frozen=True)
+class Row:
+    """One waterfall configuration."""
+
+    name: str
+    options: FastOptions
+    backend: str = "torch"
+    math_attention: bool = False  # force SDPA's math kernel: the T x T matrix is materialised, as officially
+
+
+WATERFALL = (
+    Row("fp32 eager, materialised attention", FastOptions(), math_attention=True),
+    Row("fp16", FastOptions(dtype=torch.float16), math_attention=True),
+    Row("+ SDPA", FastOptions(dtype=torch.float16)),
+    Row("+ compile", FastOptions(dtype=torch.float16, compile=True, compile_mode="max-autotune-no-cudagraphs")),
+    Row("+ Triton tail", FastOptions(dtype=torch.float16, compile=True, compile_mode="max-autotune-no-cudagraphs"),
+        backend="triton"),
+    Row("+ CUDA graphs", FastOptions.preset("fast"), backend="triton"),
+)
+
+
+@dataclass
+class Result:
+    row: str
+    size: str
+    batch: int
+    steps: int
+    per_image_s: Optional[float]
+    images_per_s: Optional[float]
+    step_s: Optional[float]
+    compile_s: Optional[float]
+    peak_mem_gib: Optional[float]
+    psnr_vs_fp32_db: Optional[float]
+    extrapolated: bool
+    notes: list[str] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def environment() -> dict[str, Any]:
+    """Device, versions and date: every report carries where its numbers come from."""
+    env: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def random_model(config: UNetConfig = ADM256_UNCOND_CONFIG, *, device: torch.device, seed: int = 0) -> nn.Module:
+    """A UNet with random weights and the paper model's cost.
+
+    guided-diffusion zero-initialises every block's output layer, which would make eps = 0 and the EM step
+    trivial; those layers get small random weights instead, so the step does real work and PSNR means something.
+    """
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = UNetModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0.0, 0.02 / max(1.0, p[0].numel() ** 0.5))
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _attention(math_only: bool) -> Iterator[None]:
+    if not math_only:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _inputs(batch: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(batch, 3, h, w, generator=gen)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    I = (0.6 * torch.sin(3 * xx) * torch.cos(2 * yy)).expand(batch, 1, h, w).clone()  # noqa: E741
+    V = (0.8 * torch.tanh(4 * yy - xx)).expand(batch, 1, h, w).clone()
+    I += 0.05 * torch.randn(I.shape, generator=gen)
+    return tuple(t.to(device) for t in (x, I, V))
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    h, w = a.shape[-2:]
+    fa = postprocess(a[0], (h, w)).fused.astype(np.float64)
+    fb = postprocess(b[0], (h, w)).fused.astype(np.float64)
+    mse = float(np.mean((fa - fb) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def run_row(row: Row, model_fp32: nn.Module, size: tuple[int, int], batch: int, steps: int, device: torch.device,
+            *, reference: Optional[torch.Tensor], timed_steps: Optional[int] = None,
+            model_factory=None) -> tuple[Result, Optional[torch.Tensor]]:
+    """Time one row. ``model_factory()`` gives a fresh fp32 model when the row casts to half precision."""
+    h, w = size
+    x, I, V = _inputs(batch, h, w, device)
+    model = model_fp32 if row.options.dtype == torch.float32 or model_factory is None else model_factory()
+    n = timed_steps or steps
+    sampler = FastDDFMSampler(n, backend=row.backend, tau_reduce="image", options=row.options)
+    result = Result(row.name, f"{h}x{w}", batch, steps, None, None, None, None, None, None, n != steps)
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with _attention(row.math_attention), torch.no_grad():
+            step_times: list[float] = []
+            t0 = time.perf_counter()
+            sampler.sample(model, x, I, V)  # warm-up: compile / capture
+            _sync(device)
+            warm = time.perf_counter() - t0
+            last = [time.perf_counter()]
+
+            def tick(_):
+                _sync(device)
+                now = time.perf_counter()
+                step_times.append(now - last[0])
+                last[0] = now
+
+            t0 = time.perf_counter()
+            last[0] = t0
+            out = sampler.sample(model, x, I, V, callback=tick).sample
+            _sync(device)
+            total = time.perf_counter() - t0
+            # The per-step callback synchronises; time a second, callback-free sample for the wall time.
+            t0 = time.perf_counter()
+            out = sampler.sample(model, x, I, V).sample
+            _sync(device)
+            total = min(total, time.perf_counter() - t0)
+        runner = next(iter(sampler._runners.values()))
+        result.step_s = float(np.median(step_times))
+        result.compile_s = max(0.0, warm - total)
+        result.per_image_s = (steps * result.step_s if n != steps else total) / batch
+        result.images_per_s = 1.0 / result.per_image_s
+        result.notes += runner.notes + [f"backend: {runner.backend.describe()}"]
+        if device.type == "cuda":
+            result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        if reference is not None and n == steps:
+            result.psnr_vs_fp32_db = _psnr(out, reference)
+        return result, (out if n == steps else None)
+    except Exception as exc:  # noqa: BLE001 - a row that cannot run (OOM, no Triton) is reported, not fatal
+        result.error = f"{type(exc).__name__}: {exc}"[:500]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return result, None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one suite measures: the full waterfall at one size, the fast row elsewhere, within a time budget."""
+
+    config: UNetConfig
+    steps: int
+    waterfall_size: tuple[int, int]
+    fast_sizes: tuple[tuple[int, int], ...]
+    batches: tuple[int, ...]
+    slow_timed_steps: int  # eager rows with materialised attention: timed over this many steps, extrapolated
+    budget_s: float
+    rows: tuple[Row, ...] = WATERFALL
+
+
+GPU_PLAN = Plan(ADM256_UNCOND_CONFIG, 100, (480, 640), ((256, 256), (1024, 1280)), (1, 8), 5, 330.0)
+
+
+def _small_config() -> UNetConfig:
+    from ddfm_fast.unet import DDFM_SMALL_ARGS
+
+    return UNetConfig.from_create_model_args(DDFM_SMALL_ARGS)
+
+
+CPU_ROWS = (
+    Row("fp32 eager", FastOptions()),
+    Row("bf16", FastOptions(dtype=torch.bfloat16)),
+    Row("fp32 + compile", FastOptions(compile=True)),
+)
+
+
+def plan_for(suite: str) -> Plan:
+    """``gpu``: the paper-size model (random weights, same cost); ``cpu``: the shipped small prior's config;
+    ``quick``: a seconds-long run of the same code (CI)."""
+    if suite == "gpu":
+        return GPU_PLAN
+    if suite == "cpu":
+        return Plan(_small_config(), 10, (256, 256), ((480, 640),), (1,), 10, 240.0, rows=CPU_ROWS)
+    if suite == "quick":
+        quick_rows = (CPU_ROWS[0], CPU_ROWS[1],
+                      Row("fp32 + compile (dynamo only)", FastOptions(compile=True, compile_backend="eager")))
+        return Plan(_small_config(), 2, (32, 32), (), (1,), 2, 60.0, rows=quick_rows)
+    raise ValueError(f"unknown suite {suite!r}; choose gpu, cpu or quick")
+
+
+def run_plan(plan: Plan, device: torch.device, log=print) -> list[Result]:
+    """The waterfall at ``plan.waterfall_size`` (batch 1; PSNR against the fp32 row), then the last (fastest) row
+    at the other sizes and batches. Rows left when the budget is spent are reported as skipped, not run."""
+    start = time.perf_counter()
+    results: list[Result] = []
+    base = random_model(plan.config, device=device)
+    factory = lambda: random_model(plan.config, device=device)  # noqa: E731 - half rows cast their own copy
+
+    def over_budget(row: Row, size, batch) -> bool:
+        if time.perf_counter() - start < plan.budget_s:
+            return False
+        res = Result(row.name, f"{size[0]}x{size[1]}", batch, plan.steps, None, None, None, None, None, None,
+                     False, error="skipped: the suite's time budget is spent")
+        results.append(res)
+        log(format_row(res))
+        return True
+
+    # The fp32 reference for PSNR: fp32 with SDPA (same arithmetic as the first row, without the T x T matrix).
+    reference_row = Row("fp32 eager (reference)", FastOptions())
+    ref, reference = run_row(reference_row, base, plan.waterfall_size, 1, plan.steps, device, reference=None)
+    results.append(ref)
+    log(format_row(ref))
+    for i, row in enumerate(plan.rows):
+        if over_budget(row, plan.waterfall_size, 1):
+            continue
+        torch._dynamo.reset()
+        timed = plan.slow_timed_steps if row.math_attention else None
+        res, _ = run_row(row, base, plan.waterfall_size, 1, plan.steps, device, reference=reference,
+                         timed_steps=timed, model_factory=factory)
+        results.append(res)
+        log(format_row(res))
+    fastest = plan.rows[-1]
+    for size in (plan.waterfall_size, *plan.fast_sizes):
+        for batch in plan.batches:
+            if size == plan.waterfall_size and batch == 1:
+                continue
+            if over_budget(fastest, size, batch):
+                continue
+            torch._dynamo.reset()
+            res, _ = run_row(fastest, base, size, batch, plan.steps, device, reference=None, model_factory=factory)
+            results.append(res)
+            log(format_row(res))
+    return results
+
+
+def format_row(r: Result) -> str:
+    if r.error:
+        return f"{r.row:<38} {r.size:>10} b{r.batch:<2} {r.error}"
+    psnr = "-" if r.psnr_vs_fp32_db is None else f"{r.psnr_vs_fp32_db:6.1f}"
+    mem = "-" if r.peak_mem_gib is None else f"{r.peak_mem_gib:6.2f}"
+    ext = "*" if r.extrapolated else " "
+    return (f"{r.row:<38} {r.size:>10} b{r.batch:<2} {r.per_image_s:9.3f}{ext} s/img {r.images_per_s:8.3f} img/s "
+            f"step {1e3 * r.step_s:8.2f} ms  compile {r.compile_s:6.1f} s  mem {mem} GiB  PSNR {psnr} dB")
+
+
+def write_report(path: Path, payload: dict[str, Any]) -> Path:
+    from ddfm_fast.io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+    return path
+
+
+def results_payload(results: list[Result], **extra: Any) -> dict[str, Any]:
+    return {"environment": environment(), **extra, "rows": [asdict(r) for r in results]}
+
+

@@ -1,0 +1,81 @@
+"""``ddfm-fast bench``: the speed waterfall (and, on a GPU, the GPU correctness tests) in one command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+
+def _tests_dir() -> Optional[Path]:
+    """The checkout's tests/ (present for ``pip install -e .`` from a clone; absent in a wheel install)."""
+    import ddfm_fast
+
+    candidate = Path(ddfm_fast.__file__).resolve().parents[1] / "tests"
+    return candidate if (candidate / "test_gpu.py").is_file() else None
+
+
+def _run_gpu_tests(log) -> dict:
+    tests = _tests_dir()
+    if tests is None:
+        return {"ran": False, "reason": "tests/ not found: run from a checkout installed with pip install -e ."}
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # compile the kernels for the GPU
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_gpu.py"),
+           str(tests / "test_kernels.py"), "-k", "not interpreter"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tests.parent, env=env, capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
+    for line in tail:
+        log(line)
+    return {"ran": True, "exit_code": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+            "command": " ".join(cmd), "tail": tail}
+
+
+@click.command("bench")
+@click.option("--suite", type=click.Choice(["gpu", "cpu", "quick"]), default="gpu", show_default=True,
+              help="gpu: GPU correctness tests + the waterfall with the paper-size model (needs CUDA, < 8 min); "
+                   "cpu: the waterfall with the shipped prior's config on this CPU; quick: a seconds-long check.")
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="JSON report (default: bench/results/<suite>-<date>.json in a checkout, else ./).")
+@click.option("--no-tests", is_flag=True, help="gpu suite: skip the correctness tests, only benchmark.")
+@click.option("--device", default=None, help="Device (default: cuda for gpu, cpu otherwise).")
+def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optional[str]) -> None:
+    """Benchmark the fast path row by row (fp32 eager -> fp16 -> + SDPA -> + compile -> + Triton tail ->
+    + CUDA graphs): time per image, images/s, peak memory and PSNR of the 8-bit output against fp32.
+
+    Run it on a GPU machine after `pip install --no-deps --no-build-isolation -e .` from a checkout:
+    `ddfm-fast bench --suite gpu`. The report (JSON) names the device, versions, sizes and date.
+    """
+    import torch
+
+    from ddfm_fast import benchmarks
+
+    dev = torch.device(device or ("cuda" if suite == "gpu" else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException("the gpu suite needs a CUDA device; torch sees none (use --suite cpu here)")
+    log = lambda line: click.echo(line, err=True)  # noqa: E731
+    env = benchmarks.environment()
+    log(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, python {env['python']}")
+    started = time.perf_counter()
+    tests = {"ran": False, "reason": "not the gpu suite" if suite != "gpu" else "--no-tests"}
+    if suite == "gpu" and not no_tests:
+        tests = _run_gpu_tests(log)
+    plan = benchmarks.plan_for(suite)
+    results = benchmarks.run_plan(plan, dev, log=log)
+    payload = benchmarks.results_payload(results, suite=suite, steps=plan.steps, tests=tests,
+                                         total_seconds=round(time.perf_counter() - started, 1),
+                                         model=plan.config.to_dict())
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        root = _tests_dir().parent / "bench" / "results" if _tests_dir() is not None else Path(".")
+        out = root / f"{suite}-{stamp}.json"
+    benchmarks.write_report(out, payload)
+    click.echo(f"report: {out} ({payload['total_seconds']} s)", err=True)
+    failed = [r for r in results if r.error and not r.error.startswith("skipped")]
+    if tests.get("exit_code") not in (None, 0) or (failed and suite != "gpu"):
+        raise SystemExit(1)

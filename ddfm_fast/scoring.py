@@ -1,0 +1,335 @@
+"""Fuse a dataset folder and score it against the paper's reported numbers (``ddfm-fast score``).
+
+A dataset folder holds ``ir/`` + ``vi/`` (infrared-visible fusion, IVF) or ``MRI/`` + one of ``CT/``, ``PET/``,
+``SPECT/`` (medical image fusion, MIF), as ``shared/data`` lays them out (``ivf/MSRS``, ``mif/MRI_PET``).
+:func:`score_dataset` fuses it with the folder runner of ``ddfm-fast fuse`` (:func:`ddfm_fast.batch.run_folder`:
+resumable, a bad pair is recorded and skipped) into ``OUT/fused/``, then scores every fused image with the
+evaluator of ``ddfm-fast eval`` (:mod:`ddfm_fast.cli_eval`, :func:`ddfm_fast.metrics.evaluate`), and returns the
+per-image rows, their mean, and the paper's row for that dataset (METRICS.md) with the difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddfm_fast import batch
+from ddfm_fast.cli_eval import Skipped, _eval_csv, _eval_json, _jsonable, _score_one, _write_text, pair_by_stem
+from ddfm_fast.metrics import METRIC_NAMES, ImageReadError
+
+# The six metrics the DDFM paper reports, in its column order.
+PAPER_METRICS: tuple[str, ...] = ("EN", "SD", "MI", "VIF", "Qabf", "SSIM")
+
+# DDFM (ICCV 2023) reported numbers, exactly as METRICS.md (shared/docs) lists them ("The paper's reported numbers").
+PAPER_NUMBERS: dict[str, dict[str, float]] = {
+    "MSRS": {"EN": 6.88, "SD": 40.75, "MI": 2.35, "VIF": 0.81, "Qabf": 0.58, "SSIM": 0.94},
+    "M3FD": {"EN": 6.86, "SD": 38.95, "MI": 2.52, "VIF": 0.80, "Qabf": 0.49, "SSIM": 0.95},
+    "RoadScene": {"EN": 7.41, "SD": 52.61, "MI": 2.35, "VIF": 0.75, "Qabf": 0.65, "SSIM": 0.98},
+    "TNO": {"EN": 7.06, "SD": 51.42, "MI": 2.21, "VIF": 0.81, "Qabf": 0.49, "SSIM": 0.95},
+    "Harvard": {"EN": 4.64, "SD": 63.11, "MI": 1.99, "VIF": 0.76, "Qabf": 0.60, "SSIM": 1.41},
+    # Ablation I: RoadScene, EM only, no diffusion prior.
+    "RoadScene-EM-only": {"EN": 7.19, "SD": 41.82, "MI": 2.11, "VIF": 0.60, "Qabf": 0.42, "SSIM": 0.92},
+}
+
+# What the paper's table calls each row (for messages and the JSON).
+PAPER_LABELS: dict[str, str] = {
+    "MSRS": "MSRS",
+    "M3FD": "M3FD",
+    "RoadScene": "RoadScene",
+    "TNO": "TNO",
+    "Harvard": "Harvard (MIF)",
+    "RoadScene-EM-only": "RoadScene, EM only, no diffusion prior (ablation I)",
+}
+
+PAPER_MODES: dict[str, str] = {"MSRS": "ivf", "M3FD": "ivf", "RoadScene": "ivf", "TNO": "ivf", "Harvard": "mif",
+                               "RoadScene-EM-only": "ivf"}
+
+FUSED_DIR = "fused"
+SCORES_CSV = "scores.csv"
+SCORES_JSON = "scores.json"
+
+_IVF_A = ("ir",)  # infrared (A; the fuse runner's ir side)
+_IVF_B = ("vi", "vis")  # visible (B; the fuse runner's vis side)
+_MIF_A = ("CT", "PET", "SPECT")  # functional (A)
+_MIF_B = ("MRI",)
+
+
+class DatasetError(ValueError):
+    """The folder is not a dataset folder (or the dataset name is unknown); the message says what was expected."""
+
+
+class DatasetNameError(DatasetError):
+    """The dataset name (``--dataset``) is unknown or does not fit the folder's layout."""
+
+
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+_ALIASES: dict[str, str] = {_norm(k): k for k in PAPER_NUMBERS}
+_ALIASES.update({_norm("Harvard (MIF)"): "Harvard", "mif": "Harvard", "harvardmedical": "Harvard",
+                 _norm("RoadScene EM only"): "RoadScene-EM-only", "roadsceneemonlyablationi": "RoadScene-EM-only",
+                 "emonly": "RoadScene-EM-only"})
+
+
+def paper_key(name: str) -> Optional[str]:
+    """The :data:`PAPER_NUMBERS` key for a dataset name (case, spaces and punctuation ignored), or None."""
+    return _ALIASES.get(_norm(name))
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """A dataset folder: its name (a :data:`PAPER_NUMBERS` key when the paper reports it), mode and source folders.
+
+    ``a_dir`` is the infrared (ivf) or functional CT/PET/SPECT (mif) folder, the fuse runner's ``ir`` side and
+    the evaluator's A; ``b_dir`` is the visible (ivf) or MRI (mif) folder, the ``vis`` side and B.
+    """
+
+    name: str
+    mode: str
+    root: Path
+    a_dir: Path
+    b_dir: Path
+    paper_key: Optional[str]
+    subset: Optional[str] = None  # mif: "MRI_PET" etc.
+
+    @property
+    def paper(self) -> Optional[dict[str, float]]:
+        return dict(PAPER_NUMBERS[self.paper_key]) if self.paper_key else None
+
+
+def _subdirs(folder: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
+
+def _find(subs: dict[str, Path], names: tuple[str, ...]) -> list[Path]:
+    return [subs[n.lower()] for n in names if n.lower() in subs]
+
+
+def dataset_layout(folder: str | Path, dataset: Optional[str] = None) -> DatasetLayout:
+    """Detect a dataset folder's mode and name.
+
+    ``ir/`` + ``vi/`` is ivf; ``MRI/`` + exactly one of ``CT/``, ``PET/``, ``SPECT/`` is mif (folder names are
+    matched case-insensitively). The name comes from ``dataset`` when given (a :data:`PAPER_NUMBERS` key or
+    alias, else :class:`DatasetError`), otherwise from the folder: mif folders are the Harvard set; an ivf folder
+    named like a paper dataset (``.../ivf/MSRS``) is that dataset; any other ivf folder keeps its own name and
+    has no paper row. Raises :class:`DatasetError` for a folder that is not a dataset folder.
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder; give a dataset folder holding ir/ + vi/ or MRI/ + CT|PET|SPECT/")
+    subs = _subdirs(root)
+    ivf_a, ivf_b = _find(subs, _IVF_A), _find(subs, _IVF_B)
+    mif_a, mif_b = _find(subs, _MIF_A), _find(subs, _MIF_B)
+    is_ivf = bool(ivf_a and ivf_b)
+    is_mif = bool(mif_a and mif_b)
+    if is_ivf and is_mif:
+        raise DatasetError(f"{root}: holds both an infrared-visible layout (ir/, vi/) and a medical one (MRI/, "
+                           f"{'/, '.join(p.name for p in mif_a)}/); keep one of them")
+    if not is_ivf and not is_mif:
+        found = ", ".join(f"{p.name}/" for p in subs.values()) or "no subfolders"
+        hint = ""
+        nested = [p.name for p in subs.values() if _looks_like_dataset(p)]
+        if nested:
+            hint = f"; it holds dataset folders ({', '.join(nested)}): pass one of them"
+        raise DatasetError(
+            f"{root}: not a dataset folder: expected ir/ + vi/ (infrared-visible fusion) or MRI/ + one of CT/, "
+            f"PET/, SPECT/ (medical fusion); found {found}{hint}"
+        )
+    if is_ivf and len(ivf_b) > 1:
+        raise DatasetError(f"{root}: holds both vi/ and vis/; keep one visible folder")
+    if is_mif and len(mif_a) > 1:
+        raise DatasetError(f"{root}: holds several functional folders ({', '.join(p.name + '/' for p in mif_a)}) "
+                           "beside MRI/; a dataset folder pairs MRI/ with one of CT/, PET/, SPECT/ "
+                           "(as mif/MRI_CT, mif/MRI_PET, mif/MRI_SPECT)")
+    mode = "ivf" if is_ivf else "mif"
+    a_dir, b_dir = (ivf_a[0], ivf_b[0]) if is_ivf else (mif_a[0], mif_b[0])
+    subset = f"{b_dir.name}_{a_dir.name}" if mode == "mif" else None
+
+    if dataset is not None:
+        key = paper_key(dataset)
+        if key is None:
+            known = ", ".join(PAPER_NUMBERS)
+            raise DatasetNameError(f"unknown dataset name {dataset!r}; the paper reports: {known}")
+        if PAPER_MODES[key] != mode:
+            raise DatasetNameError(f"dataset {key} is {PAPER_MODES[key]} fusion but {root} has a {mode} layout")
+        return DatasetLayout(key, mode, root, a_dir, b_dir, key, subset)
+    if mode == "mif":
+        return DatasetLayout("Harvard", mode, root, a_dir, b_dir, "Harvard", subset)
+    key = paper_key(root.name)
+    if key is not None and PAPER_MODES[key] == "ivf":
+        return DatasetLayout(key, mode, root, a_dir, b_dir, key)
+    return DatasetLayout(root.name, mode, root, a_dir, b_dir, None)
+
+
+def _looks_like_dataset(folder: Path) -> bool:
+    try:
+        subs = _subdirs(folder)
+    except OSError:
+        return False
+    return bool((_find(subs, _IVF_A) and _find(subs, _IVF_B)) or (_find(subs, _MIF_A) and _find(subs, _MIF_B)))
+
+
+def detect_dataset(folder: str | Path, dataset: Optional[str] = None) -> tuple[str, str]:
+    """(name, mode) of a dataset folder: ``.../ivf/MSRS`` -> ("MSRS", "ivf"), ``.../mif/MRI_PET`` ->
+    ("Harvard", "mif"); ``dataset`` overrides the name. See :func:`dataset_layout`."""
+    layout = dataset_layout(folder, dataset)
+    return layout.name, layout.mode
+
+
+# --------------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ScoreResult:
+    """What :func:`score_dataset` did: the fusion run's summary and the scores."""
+
+    layout: DatasetLayout
+    fused_dir: Path
+    summary: batch.RunSummary
+    rows: dict[str, dict[str, float]]  # stem -> the 12 metrics
+    mean: dict[str, float]  # the 12 metrics averaged over ``rows`` (empty when nothing was scored)
+    paper: Optional[dict[str, float]]  # the paper's six numbers for the dataset, None when it reports none
+    delta: Optional[dict[str, float]]  # mean - paper over the six
+    skipped: list[Skipped] = field(default_factory=list)  # pairs not scored (fusion failed, unreadable, ...)
+    variant: str = "cddfuse"
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+
+def limit_pairing(pairing: batch.Pairing, limit: Optional[int]) -> batch.Pairing:
+    """The first ``limit`` pairs (by stem) of a pairing; unpaired/ambiguous entries kept as they are."""
+    if limit is None or limit >= len(pairing.pairs):
+        return pairing
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    return dataclasses.replace(pairing, pairs=list(pairing.pairs[:limit]))
+
+
+def score_dataset(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    model: nn.Module,
+    settings: batch.RunSettings,
+    device: torch.device,
+    dataset: Optional[str] = None,
+    limit: Optional[int] = None,
+    overwrite: bool = False,
+    summary_settings: Optional[dict[str, Any]] = None,
+    bar: Optional[Callable[..., Any]] = None,
+    step_bar: Optional[Callable[..., Any]] = None,
+    layout: Optional[DatasetLayout] = None,
+    pairing: Optional[batch.Pairing] = None,
+) -> ScoreResult:
+    """Fuse a dataset folder into ``out_dir/fused/`` and score the fused images.
+
+    Fusion is :func:`ddfm_fast.batch.run_folder` (existing outputs are kept unless ``overwrite``: resume; it
+    writes ``out_dir/fused/ddfm_summary.json``); ``settings.mode`` is set to the detected mode and the output
+    must be the official gray PNG (``settings.output == "gray"``). Scoring is ``ddfm-fast eval``'s
+    (:func:`ddfm_fast.cli_eval._score_one` with the ``cddfuse`` metrics; with ``size_policy="crop"`` the sources
+    are cropped top-left to the fused size, as the paper does). Only the pairs of this run (the first ``limit``)
+    are scored, also when ``fused/`` holds more outputs of an earlier run. ``layout``/``pairing`` skip the
+    detection and pairing when the caller did them already. Raises :class:`DatasetError` for a folder that is
+    not a dataset and :class:`ddfm_fast.batch.InputError` for empty source folders.
+    """
+    if layout is None:
+        layout = dataset_layout(dataset_dir, dataset)
+    if settings.output != "gray":
+        raise ValueError(f"scores are computed on the official gray output, not {settings.output!r}")
+    if settings.mode != layout.mode:
+        settings = dataclasses.replace(settings, mode=layout.mode)
+    if pairing is None:
+        pairing = batch.pair_folders(layout.a_dir, layout.b_dir, layout.mode)
+    pairing = limit_pairing(pairing, limit)
+    if not pairing.pairs and not pairing.ambiguous:
+        raise batch.InputError(f"no pairs: no file stem appears in both {layout.a_dir} and {layout.b_dir}")
+    r = settings.roles
+    fused_dir = Path(out_dir) / FUSED_DIR
+    summary = batch.run_folder(
+        model, pairing, fused_dir, settings, device=device, overwrite=overwrite,
+        summary_settings=summary_settings, inputs={r.ir: str(layout.a_dir), r.vis: str(layout.b_dir)},
+        bar=bar, step_bar=step_bar,
+    )
+
+    wanted = {p.stem for p in pairing.pairs}
+    found = pair_by_stem({"fused": fused_dir, "A": layout.a_dir, "B": layout.b_dir}, driver="fused")
+    failed = {rec["stem"]: rec["reason"] for rec in summary.failed}
+    skipped: list[Skipped] = [Skipped(stem, f"not fused: {reason}") for stem, reason in failed.items()]
+    skipped += [s for s in found.skipped if s.image in wanted and s.image not in failed]
+    rows: dict[str, dict[str, float]] = {}
+    crop_sources = settings.size_policy == "crop"
+    for stem, files in zip(found.stems, found.files):
+        if stem not in wanted or stem in failed:
+            continue
+        try:
+            rows[stem] = _score_one(files, "cddfuse", crop_sources)
+        except (ImageReadError, ValueError) as exc:
+            skipped.append(Skipped(stem, str(exc)))
+    scored_or_skipped = set(rows) | {s.image for s in skipped}
+    skipped += [Skipped(stem, "no fused image") for stem in sorted(wanted - scored_or_skipped)]
+    skipped.sort(key=lambda s: s.image)
+
+    mean = {k: float(np.mean([row[k] for row in rows.values()])) for k in METRIC_NAMES} if rows else {}
+    paper = layout.paper
+    delta = {k: mean[k] - paper[k] for k in PAPER_METRICS} if (paper and mean) else None
+    return ScoreResult(layout, fused_dir, summary, rows, mean, paper, delta, skipped)
+
+
+# --------------------------------------------------------------------------------------------------- outputs
+
+
+def scores_csv(result: ScoreResult) -> str:
+    """``ddfm-fast eval``'s CSV (one row per image, then "mean"), plus the rows "paper" and "delta" when the
+    paper reports the dataset (empty cells for the metrics it does not report)."""
+    text = _eval_csv(result.rows, result.mean)
+    if result.paper is not None and result.delta is not None and result.rows:
+        for name, row in (("paper", result.paper), ("delta", result.delta)):
+            cells = [repr(float(row[k])) if k in row else "" for k in METRIC_NAMES]
+            text += ",".join([name, *cells]) + "\n"
+    return text
+
+
+def scores_json(result: ScoreResult) -> str:
+    """``ddfm-fast eval``'s JSON document, plus the dataset, the paper's row, the delta and the fusion counts."""
+    from ddfm_fast.cli_eval import Pairing as EvalPairing
+
+    lay = result.layout
+    not_fused = [rec["stem"] for rec in result.summary.failed]
+    ev = EvalPairing([], [], skipped=result.skipped, undriven=not_fused)
+    doc = json.loads(_eval_json(result.rows, result.mean, ev, lay.mode, result.variant, result.fused_dir,
+                                lay.a_dir, lay.b_dir))
+    s = result.summary.to_dict()
+    doc = {
+        "dataset": lay.name,
+        "dataset_dir": str(lay.root),
+        "subset": lay.subset,
+        "paper_row": PAPER_LABELS.get(lay.paper_key) if lay.paper_key else None,
+        "paper_metrics": list(PAPER_METRICS),
+        "paper": result.paper,
+        "delta": None if result.delta is None else {k: _jsonable(v) for k, v in result.delta.items()},
+        **doc,
+        "fusion": {"summary": str(result.fused_dir / batch.SUMMARY_NAME), "counts": s["counts"],
+                   "timing": s["timing"], "settings": s["settings"], "failed": s["failed"]},
+    }
+    return json.dumps(doc, indent=1, allow_nan=False) + "\n"
+
+
+def write_scores(result: ScoreResult, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``out_dir/scores.csv`` and ``out_dir/scores.json`` atomically; returns their paths."""
+    out = Path(out_dir)
+    csv_path, json_path = out / SCORES_CSV, out / SCORES_JSON
+    _write_text(csv_path, scores_csv(result))
+    _write_text(json_path, scores_json(result))
+    return csv_path, json_path

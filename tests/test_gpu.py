@@ -1,0 +1,115 @@
+"""GPU correctness: the Triton kernels compiled for real, the fp16 / compiled / graphed paths against fp32.
+
+Skipped without CUDA. ``ddfm-fast bench --suite gpu`` runs this file (with TRITON_INTERPRET unset) before its
+benchmarks. Tolerances: cuFFT and cuDNN round differently from the CPU libraries the goldens were made with, by
+the same order as two CPUs do (see test_em.py / test_sampler.py), so the CPU bounds apply unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import ddfm_fast
+from ddfm_fast.api import postprocess
+from ddfm_fast.em import em_init, em_step
+from ddfm_fast.fast import FastDDFMSampler, FastOptions
+from ddfm_fast.sampler import DDFMSampler
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by ddfm-fast bench --suite gpu)"),
+]
+CUDA = torch.device("cuda")
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(scope="module")
+def tiny(reference_dir):
+    return ddfm_fast.load_model(reference_dir / "tiny_unet.pt", config=reference_dir / "tiny_unet_config.json",
+                                device=CUDA)
+
+
+@pytest.fixture(scope="module")
+def inputs(sampler_golden):
+    return tuple(torch.from_numpy(sampler_golden[k]).to(CUDA) for k in ("x_start", "I", "V"))
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    h, w = a.shape[-2:]
+    fa = postprocess(a[0], (h, w)).fused.astype(np.float64)
+    fb = postprocess(b[0], (h, w)).fused.astype(np.float64)
+    mse = float(np.mean((fa - fb) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", [f"case{i}" for i in range(6)])
+def test_em_chain_on_cuda(em_golden, case, backend):
+    if backend == "triton" and _interpreted():
+        pytest.skip("TRITON_INTERPRET=1: the kernels would not be compiled for the GPU")
+    g = {k: torch.from_numpy(v).to(CUDA) if isinstance(v, np.ndarray) and v.ndim else v for k, v in em_golden.items()}
+    I, V = g[f"{case}/in/I"], g[f"{case}/in/V"]  # noqa: E741
+    lamb, rho = float(em_golden[f"{case}/param/lamb"]), float(em_golden[f"{case}/param/rho"])
+    state = em_init(I)
+    f = g[f"{case}/in/f_pre_step1"]
+    for step in (1, 2, 3):
+        f = g.get(f"{case}/in/f_pre_step{step}", f)
+        F, state = em_step(f, I, V, state, lamb, rho, backend=backend)
+        torch.testing.assert_close(F, g[f"{case}/out/F_step{step}"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(state.H, g.get(f"{case}/out/H_step{step}", state.H), rtol=0, atol=1.5e-6)
+        f = F
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tiny_sampler_on_cuda_matches_the_official_run(tiny, inputs, sampler_golden, backend):
+    if backend == "triton" and _interpreted():
+        pytest.skip("TRITON_INTERPRET=1")
+    out = DDFMSampler(10, backend=backend).sample(tiny, *inputs).sample
+    torch.testing.assert_close(out.cpu(), torch.from_numpy(sampler_golden["ddim10/final"]), rtol=0, atol=1e-3)
+
+
+def test_graphs_replay_the_compiled_step_exactly(reference_dir, inputs):
+    """A captured graph replays the same kernels: bitwise equal to the compiled step run without graphs."""
+    def run(graphs: bool) -> torch.Tensor:
+        torch._dynamo.reset()
+        model = ddfm_fast.load_model(reference_dir / "tiny_unet.pt", config=reference_dir / "tiny_unet_config.json",
+                                     device=CUDA)
+        opts = FastOptions(dtype=torch.float16, compile=True, compile_mode="max-autotune-no-cudagraphs",
+                           cuda_graphs=graphs)
+        sampler = FastDDFMSampler(10, backend="auto", options=opts)
+        out = sampler.sample(model, *inputs).sample
+        runner = next(iter(sampler._runners.values()))
+        assert (runner._graph is not None) == graphs, runner.notes
+        return out
+
+    torch.testing.assert_close(run(True), run(False), rtol=0, atol=0)
+
+
+def test_fast_path_stays_close_to_fp32(reference_dir, tiny, inputs):
+    """fp16 + compile + Triton tail + graphs against the fp32 eager path, on the 8-bit output.
+
+    The tiny model's random weights make it far more sensitive than a trained one (CPU fp16: 60 dB)."""
+    ref = DDFMSampler(10, backend="torch").sample(tiny, *inputs).sample
+    model = ddfm_fast.load_model(reference_dir / "tiny_unet.pt", config=reference_dir / "tiny_unet_config.json",
+                                 device=CUDA)
+    out = FastDDFMSampler(10, options=FastOptions.preset("fast")).sample(model, *inputs).sample
+    assert _psnr(out, ref) >= 40.0
+
+
+def test_paper_size_model_at_1280x1024_fits_in_12_gib():
+    from ddfm_fast.benchmarks import random_model
+
+    torch.cuda.reset_peak_memory_stats()
+    model = random_model(device=CUDA)
+    x = torch.randn(1, 3, 1024, 1280, device=CUDA)
+    I, V = torch.rand(2, 1, 1, 1024, 1280, device=CUDA) * 2 - 1  # noqa: E741
+    FastDDFMSampler(2, options=FastOptions(dtype=torch.float16)).sample(model, x, I, V)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    assert peak < 12.0, f"peak {peak:.2f} GiB"
