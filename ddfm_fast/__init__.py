@@ -8,3 +8,5 @@ from ddfm_fast.checkpoint import CheckpointError, load_model  # noqa: E402
 from ddfm_fast.unet import UNetConfig, UNetModel  # noqa: E402
 from ddfm_fast.api import FusionResult, fuse  # noqa: E402
 from ddfm_fast.sampler import DDFMSampler  # noqa: E402
+
+__all__ = ["CheckpointError", "DDFMSampler", "FusionResult", "UNetConfig", "UNetModel", "fuse", "load_model"]

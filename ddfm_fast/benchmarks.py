@@ -129,7 +129,8 @@ def _inputs(batch: int, h: int, w: int, device: torch.device) -> tuple[torch.Ten
     return tuple(t.to(device) for t in (x, I, V))
 
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+def psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR (dB, peak 255) between the official 8-bit outputs of two (B, 3, H, W) samples' first images."""
     h, w = a.shape[-2:]
     fa = postprocess(a[0], (h, w)).fused.astype(np.float64)
     fb = postprocess(b[0], (h, w)).fused.astype(np.float64)
@@ -183,7 +184,7 @@ def run_row(row: Row, model_fp32: nn.Module, size: tuple[int, int], batch: int, 
         if device.type == "cuda":
             result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
         if reference is not None and n == steps:
-            result.psnr_vs_fp32_db = _psnr(out, reference)
+            result.psnr_vs_fp32_db = psnr_8bit(out, reference)
         return result, (out if n == steps else None)
     except Exception as exc:  # noqa: BLE001 - a row that cannot run (OOM, no Triton) is reported, not fatal
         result.error = f"{type(exc).__name__}: {exc}"[:500]

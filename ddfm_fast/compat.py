@@ -85,19 +85,19 @@ class DDIMCompat:
         """The official loop: returns the final sample (B, 3, H, W); with ``record`` writes the progress PNGs
         ``save_root/progress/<img_index>/x_<idx:04d>.png`` (Y channel, min-max, truncated to uint8)."""
         self.sampler.lamb, self.sampler.rho = float(lamb), float(rho)
-        callback = None
-        if record:
-            if save_root is None:
-                raise ValueError("p_sample_loop: record=True needs a save_root")
-            folder = Path(save_root) / "progress" / str(img_index)
-            folder.mkdir(parents=True, exist_ok=True)
+        if not record:
+            return self.sampler.sample(model, x_start, I, V).sample
+        if save_root is None:
+            raise ValueError("p_sample_loop: record=True needs a save_root")
+        folder = Path(save_root) / "progress" / str(img_index)
+        folder.mkdir(parents=True, exist_ok=True)
 
-            def callback(out: StepOutput) -> None:
-                # The official code squeezes the batch, so only batch size 1 can be recorded.
-                luma = io.sample_luma(out.x_prev[:1])
-                io.save_png(io.to_uint8_truncated(luma), folder / f"x_{out.idx:04d}.png")
+        def save_progress(out: StepOutput) -> None:
+            # The official code squeezes the batch, so only batch size 1 can be recorded.
+            luma = io.sample_luma(out.x_prev[:1])
+            io.save_png(io.to_uint8_truncated(luma), folder / f"x_{out.idx:04d}.png")
 
-        return self.sampler.sample(model, x_start, I, V, callback=callback).sample
+        return self.sampler.sample(model, x_start, I, V, callback=save_progress).sample
 
 
 def create_sampler(

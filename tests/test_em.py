@@ -13,7 +13,6 @@ missing clamp moves F by >1e-4), loose enough for another FFT library.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -6,12 +6,11 @@ tests/test_gpu.py, run by ``ddfm-fast bench --suite gpu``.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import ddfm_fast
-from ddfm_fast.api import postprocess
+from ddfm_fast.benchmarks import psnr_8bit
 from ddfm_fast.fast import FastDDFMSampler, FastOptions
 from ddfm_fast.sampler import DDFMSampler
 from ddfm_fast.unet import UNetConfig, UNetModel
@@ -99,10 +98,7 @@ def test_reduced_precision_unet_stays_close(reference_dir, inputs, reference10, 
     model = ddfm_fast.load_model(reference_dir / "tiny_unet.pt", config=reference_dir / "tiny_unet_config.json")
     out = FastDDFMSampler(10, backend="torch", options=FastOptions(dtype=dtype)).sample(model, *inputs).sample
     assert next(model.parameters()).dtype == dtype and out.dtype == torch.float32
-    a = postprocess(out[0], (64, 96)).fused.astype(np.float64)
-    b = postprocess(reference10[0], (64, 96)).fused.astype(np.float64)
-    mse = np.mean((a - b) ** 2)
-    psnr = 10 * np.log10(255.0**2 / mse) if mse > 0 else np.inf
+    psnr = psnr_8bit(out, reference10)
     assert psnr >= min_psnr, f"PSNR {psnr:.1f} dB"
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ddfm_fast
-from ddfm_fast.api import postprocess
+from ddfm_fast.benchmarks import psnr_8bit
 from ddfm_fast.em import em_init, em_step
 from ddfm_fast.fast import FastDDFMSampler, FastOptions
 from ddfm_fast.sampler import DDFMSampler
@@ -39,14 +39,6 @@ def tiny(reference_dir):
 @pytest.fixture(scope="module")
 def inputs(sampler_golden):
     return tuple(torch.from_numpy(sampler_golden[k]).to(CUDA) for k in ("x_start", "I", "V"))
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    h, w = a.shape[-2:]
-    fa = postprocess(a[0], (h, w)).fused.astype(np.float64)
-    fb = postprocess(b[0], (h, w)).fused.astype(np.float64)
-    mse = float(np.mean((fa - fb) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -100,7 +92,7 @@ def test_fast_path_stays_close_to_fp32(reference_dir, tiny, inputs):
     model = ddfm_fast.load_model(reference_dir / "tiny_unet.pt", config=reference_dir / "tiny_unet_config.json",
                                  device=CUDA)
     out = FastDDFMSampler(10, options=FastOptions.preset("fast")).sample(model, *inputs).sample
-    assert _psnr(out, ref) >= 40.0
+    assert psnr_8bit(out, ref) >= 40.0
 
 
 def test_paper_size_model_at_1280x1024_fits_in_12_gib():
