@@ -16,6 +16,7 @@ CUDA graphs. A failed capture falls back to the compiled step and says so once.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -116,6 +117,7 @@ class StaticStepRunner:
 
             self.buf.workspace = TailWorkspace.create(I, rgb=True)
             self.buf.x_next = torch.empty_like(self.buf.x)
+        self.handle = _register(self)
         self._fn: Callable[[], None] = self._step
         if self.options.compile:
             mode = self.options.compile_mode if self.options.compile_backend == "inductor" else None
@@ -133,11 +135,13 @@ class StaticStepRunner:
         eps = self.model(x_in, t)[:, :3].float()
         tv = dict(tv_prox=s.tv_prox, tv_threshold=s.tv_threshold)
         if b.workspace is not None:
-            from ddfm_fast.kernels.em_tail import step_tail_triton
-
-            x_prev, x0 = step_tail_triton(b.x, eps, coef, b.I, b.V, b.state, lamb=s.lamb, rho=s.rho,
-                                          tau_reduce=s.tau_reduce, clip_denoised=s.clip_denoised,
-                                          workspace=b.workspace, out=b.x_next, **tv)
+            # Through an opaque custom op: the compiler schedules it as one call with declared mutations instead
+            # of tracing into Triton's launcher (which it cannot do for interpreted kernels, nor reliably for
+            # launch options such as enable_fp_fusion).
+            st = b.state
+            torch.ops.ddfm_fast.triton_step_tail(b.x, eps, coef, b.I, b.V, b.x_next, b.workspace.x0, st.C, st.D,
+                                                 st.F1, st.F2, st.H, st.tau_a, st.tau_b, self.handle)
+            x_prev, x0 = b.x_next, b.workspace.x0
         else:
             x_prev, x0 = step_tail_torch(b.x, eps, coef, b.I, b.V, b.state, lamb=s.lamb, rho=s.rho,
                                          tau_reduce=s.tau_reduce, clip_denoised=s.clip_denoised, **tv)
@@ -199,6 +203,43 @@ class StaticStepRunner:
                 x_prev = self.buf.x
                 callback(StepOutput(j, n - 1 - j, x_prev, self.buf.x0, x_prev, self.buf.state))
         return self.buf.x.clone()
+
+
+# Runners by handle: the custom op below receives an int (ops take tensors and scalars only) and finds the
+# workspace and the sampler's settings here.
+_RUNNERS: dict[int, "StaticStepRunner"] = {}
+
+
+def _register(runner: "StaticStepRunner") -> int:
+    handle = len(_RUNNERS)
+    _RUNNERS[handle] = runner
+    return handle
+
+
+@torch.library.custom_op(
+    "ddfm_fast::triton_step_tail",
+    mutates_args=("x_next", "x0", "C", "D", "F1", "F2", "H", "tau_a", "tau_b"),
+)
+def _triton_step_tail(x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, I: torch.Tensor,  # noqa: E741
+                      V: torch.Tensor, x_next: torch.Tensor, x0: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+                      F1: torch.Tensor, F2: torch.Tensor, H: torch.Tensor, tau_a: torch.Tensor, tau_b: torch.Tensor,
+                      handle: int) -> None:
+    """The Triton step tail of one runner (``kernels/em_tail.py``); every tensor it writes is an argument."""
+    from ddfm_fast.kernels.em_tail import step_tail_triton
+
+    runner = _RUNNERS[handle]
+    s, b = runner.sampler, runner.buf
+    # Write only through the arguments: under functionalization they may be copies of the runner's buffers.
+    state = dataclasses.replace(b.state, C=C, D=D, F1=F1, F2=F2, H=H, tau_a=tau_a, tau_b=tau_b)
+    workspace = dataclasses.replace(b.workspace, x0=x0)
+    step_tail_triton(x_t, eps, coef, I, V, state, lamb=s.lamb, rho=s.rho, tau_reduce=s.tau_reduce,
+                     clip_denoised=s.clip_denoised, tv_prox=s.tv_prox, tv_threshold=s.tv_threshold,
+                     workspace=workspace, out=x_next)
+
+
+@_triton_step_tail.register_fake
+def _(x_t, eps, coef, I, V, x_next, x0, C, D, F1, F2, H, tau_a, tau_b, handle) -> None:  # noqa: E741
+    return None
 
 
 class FastDDFMSampler(DDFMSampler):

@@ -116,3 +116,24 @@ def test_cuda_graphs_on_cpu_say_they_are_not_used(tiny, inputs, reference10):
     with pytest.warns(RuntimeWarning, match="cuda_graphs needs a CUDA device"):
         out = sampler.sample(tiny, *inputs).sample
     torch.testing.assert_close(out, reference10, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_step_with_the_triton_tail(tiny, inputs):
+    """The Triton tail enters the compiled step as one opaque custom op with declared mutations.
+
+    ``aot_eager`` functionalises the graph as inductor does (the op may receive copies of the buffers and the
+    results are copied back); under TRITON_INTERPRET=1 the kernels run in the interpreter. Bitwise equal to the
+    uncompiled Triton loop. (On a GPU, tests/test_gpu.py compiles this with inductor and captures it.)
+    """
+    from ddfm_fast.dispatch import triton_not_supported_reasons
+
+    if triton_not_supported_reasons("cpu"):
+        pytest.skip("; ".join(triton_not_supported_reasons("cpu")))
+    torch._dynamo.reset()
+    ref = DDFMSampler(3, backend="triton").sample(tiny, *inputs).sample
+    sampler = FastDDFMSampler(3, backend="triton",
+                              options=FastOptions(compile=True, compile_backend="aot_eager"))
+    out = sampler.sample(tiny, *inputs).sample
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert next(iter(sampler._runners.values())).backend.name == "triton"
