@@ -160,13 +160,26 @@ class StaticStepRunner:
     def _warm_up(self) -> None:
         """First call: compile (timed on its own) and, if asked, capture the CUDA graph."""
         t0 = time.perf_counter()
+        try:
+            self._first_call()
+        except Exception as exc:  # noqa: BLE001 - a compiler failure falls back to the eager step, loudly
+            if self._fn is self._step:
+                raise
+            message = (f"ddfm-fast: torch.compile of the step failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                       "running the step eagerly")
+            self.notes.append(message)
+            _warn_once(message)
+            self._fn = self._step
+            self._first_call()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.compile_seconds = time.perf_counter() - t0
+
+    def _first_call(self) -> None:
         if self.device.type == "cuda" and self.options.cuda_graphs:
             self._capture()
         else:
             self._fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.compile_seconds = time.perf_counter() - t0
 
     def _capture(self) -> None:
         try:

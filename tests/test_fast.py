@@ -137,3 +137,17 @@ def test_compiled_step_with_the_triton_tail(tiny, inputs):
     out = sampler.sample(tiny, *inputs).sample
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert next(iter(sampler._runners.values())).backend.name == "triton"
+
+
+def test_a_failing_compiler_falls_back_to_eager_and_says_so(tiny, inputs, reference10, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("inductor exploded")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    sampler = FastDDFMSampler(10, backend="torch", options=FastOptions(compile=True))
+    with pytest.warns(RuntimeWarning, match="torch.compile of the step failed.*inductor exploded"):
+        out = sampler.sample(tiny, *inputs).sample
+    torch.testing.assert_close(out, reference10, rtol=0, atol=0)
+    assert "inductor exploded" in next(iter(sampler._runners.values())).notes[0]
