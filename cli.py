@@ -29,7 +29,9 @@ main.add_command(info_command)
 from ddfm_fast.cli_bench import bench_command  # noqa: E402
 from ddfm_fast.cli_download import download_command  # noqa: E402
 from ddfm_fast.cli_score import score_command  # noqa: E402
+from ddfm_fast.cli_train import train_prior_command  # noqa: E402
 
+main.add_command(train_prior_command)
 main.add_command(download_command)
 main.add_command(score_command)
 main.add_command(bench_command)

@@ -68,7 +68,7 @@ class Preset:
 
 
 # The shipped prior's own step count (also in its file's metadata, which load_model reads first).
-DEFAULT_STEPS_SMALL = 10
+DEFAULT_STEPS_SMALL = 20
 PACKAGED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 PRESETS: dict[str, Preset] = {

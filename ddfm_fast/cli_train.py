@@ -1,0 +1,76 @@
+"""``ddfm-fast train-prior``: train a small unconditional diffusion prior (see :mod:`ddfm_fast.train`).
+
+The lead registers :func:`train_prior_command` in ``cli.py`` (``main.add_command(train_prior_command)``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from ddfm_fast.train import SMALL_PRIOR_ARGS, TrainSettings, command_line, train_prior
+
+
+def _model_args(path: Optional[str]) -> dict[str, Any]:
+    if path is None:
+        return dict(SMALL_PRIOR_ARGS)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise click.BadParameter(f"{path}: cannot read a JSON object of create_model arguments ({exc})",
+                                 param_hint="--model-config") from exc
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path}: expected a JSON object of create_model arguments",
+                                 param_hint="--model-config")
+    return data
+
+
+@click.command("train-prior")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of training images (searched recursively); repeat for several.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Output .safetensors (EMA weights + config + training record); FILE.state.pt holds the resume state.")
+@click.option("--steps", default=5000, show_default=True, help="Optimiser steps in total.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--crop", default=64, show_default=True, help="Square random crop size in pixels.")
+@click.option("--lr", default=2e-4, show_default=True)
+@click.option("--warmup", default=100, show_default=True, help="Linear learning-rate warm-up steps.")
+@click.option("--ema-decay", default=0.999, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--gray/--colour", "gray", default=False, show_default=True,
+              help="Reduce colour images to gray (the fused luminance; how ddfm-small was trained) or keep their "
+                   "colour (gray images are always replicated to 3 channels).")
+@click.option("--vflip/--no-vflip", default=False, show_default=True, help="Also flip crops vertically.")
+@click.option("--checkpoint-every", default=500, show_default=True, help="Save every N steps (0: only at the end).")
+@click.option("--max-minutes", type=float, default=None, help="Stop and save after this much training time.")
+@click.option("--default-steps", default=10, show_default=True, help="Sampling steps stored as the model's default.")
+@click.option("--model-config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON of create_model arguments (default: the ddfm-small architecture).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--threads", type=int, default=None, help="torch.set_num_threads for CPU training.")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from FILE.state.pt if present.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def train_prior_command(data, out, steps, batch_size, crop, lr, warmup, ema_decay, seed, gray, vflip,
+                        checkpoint_every, max_minutes, default_steps, model_config, device, threads, resume,
+                        progress) -> None:
+    """Train an unconditional epsilon-prediction DDPM prior on random crops of the images in --data."""
+    import torch
+
+    settings = TrainSettings(
+        data=[str(d) for d in data], out=str(out), steps=steps, batch_size=batch_size, crop=crop, lr=lr,
+        warmup=warmup, ema_decay=ema_decay, seed=seed, gray=gray, vflip=vflip, checkpoint_every=checkpoint_every,
+        max_minutes=max_minutes, default_steps=default_steps, model_args=_model_args(model_config),
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"), threads=threads, resume=resume,
+        progress=progress, command=command_line(),
+    )
+    try:
+        train_prior(settings, log=lambda m: click.echo(m, err=True))
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+if __name__ == "__main__":  # python -m ddfm_fast.cli_train ... (before cli.py registers the command)
+    train_prior_command()

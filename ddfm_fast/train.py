@@ -1,0 +1,399 @@
+"""Training a small unconditional diffusion prior for DDFM (``ddfm-fast train-prior``).
+
+DDFM (Zhao et al., ICCV 2023) samples any unconditional epsilon-prediction DDPM and rectifies every x0 prediction
+with one EM step, so a prior small enough for a CPU can be trained by this project itself. The objective is the
+"simple" loss of Ho et al. 2020 (Eq. 14), on the linear 1000-step schedule the sampler uses
+(:func:`ddfm_fast.schedule.linear_betas`):
+
+    t ~ U{0, ..., 999},  eps ~ N(0, I),  x_t = sqrt(ac_t) x0 + sqrt(1 - ac_t) eps,  loss = |eps - eps_theta(x_t, t)|^2
+
+Notation (variable -> paper): ``x0`` a training crop in [-1, 1]; ``ac`` alpha_bar; ``ema`` the exponential moving
+average of the weights (what is shipped and sampled). Only the first three output channels are trained
+(``learn_sigma=False`` gives exactly three; with ``learn_sigma=True`` the variance channels are ignored, as the
+DDIM sampler ignores them).
+
+What the shipped prior models (``--gray``). DDFM fuses luminance only: the sampler takes Y of each x0
+prediction, the EM step replaces it by the fused F, and the output is the Y channel of the final sample. The
+chroma of x0 is carried along unchanged and then thrown away. A prior trained on gray images (IR as it is,
+visible images reduced with the fusion's own BGR2GRAY, both replicated to 3 channels) spends all its capacity on
+the one channel that reaches the output, and its x0 predictions have Cb = Cr = neutral, so x0' = RGB(F, Cb, Cr)
+is F replicated and the next step's input is again a gray image, the distribution it was trained on. A colour
+prior would model chroma nobody reads and, on IR/visible data, would mix gray IR and colour visible statistics.
+The fused image is itself a gray image that should look like both an IR and a visible luminance image, which is
+the mixture the gray training pool (IR + visible luminance) describes. ``--colour`` keeps colour for other uses.
+
+Files. ``--out FILE.safetensors`` receives the EMA weights with the architecture (``ddfm_fast.config``), the
+sampler's ``default_steps`` and the training record (``ddfm_fast.training``: settings, the exact command line,
+steps done, loss curve, time) as metadata, so ``load_model(FILE)`` needs no other argument. Beside it,
+``FILE.state.pt`` holds what a resume needs (raw weights, EMA, optimiser, data RNG, loss log); it is a dict of
+tensors and plain values, read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ddfm_fast.checkpoint import save_safetensors
+from ddfm_fast.io import gray_bgr2gray
+from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS, linear_betas
+from ddfm_fast.unet import DDFM_SMALL_ARGS, UNetConfig, UNetModel
+
+META_TRAINING = "ddfm_fast.training"  # json of the training record (settings, command, loss curve)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+# The architecture of the shipped prior (see ``unet.DDFM_SMALL_ARGS``), the default of ``train-prior``.
+SMALL_PRIOR_ARGS: dict[str, Any] = dict(DDFM_SMALL_ARGS)
+
+
+@dataclass
+class TrainSettings:
+    """Everything that determines a training run (recorded in the output's metadata)."""
+
+    data: list[str]
+    out: str
+    steps: int = 5000  # optimiser steps in total (a resumed run continues up to this number)
+    batch_size: int = 16
+    crop: int = 64  # square random crops, a multiple of the model's downsample factor
+    lr: float = 2e-4
+    warmup: int = 100  # linear learning-rate warm-up, in steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    gray: bool = False  # True: colour images reduced to gray too (the shipped prior); gray ones are always replicated
+    hflip: bool = True
+    vflip: bool = False
+    checkpoint_every: int = 500
+    max_minutes: Optional[float] = None  # stop (and save) after this much wall-clock time
+    default_steps: int = 10  # the sampler's default number of DDIM steps, stored in the metadata
+    model_args: dict[str, Any] = field(default_factory=lambda: dict(SMALL_PRIOR_ARGS))
+    device: str = "cpu"
+    threads: Optional[int] = None  # torch.set_num_threads; None keeps torch's default
+    resume: bool = True
+    progress: bool = True
+    command: Optional[str] = None  # the exact command line, recorded as given
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def find_images(dirs: Sequence[str | os.PathLike]) -> list[Path]:
+    """All image files below the given folders (recursively), sorted; raises if a folder is missing or empty."""
+    files: list[Path] = []
+    for d in dirs:
+        root = Path(d).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {root}: no such folder")
+        found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise FileNotFoundError(f"--data {root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) below it")
+        files.extend(found)
+    return files
+
+
+def read_training_image(path: Path, *, gray: bool) -> torch.Tensor:
+    """One image as a (3, H, W) uint8 tensor: gray files replicated to 3 channels; colour kept, or made gray.
+
+    Gray uses the fusion's own conversion (OpenCV BGR2GRAY, rounded), so the prior sees what the sampler fuses.
+    """
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        is_gray = img.mode in ("L", "LA", "I;16", "I") or (img.mode == "P" and _palette_is_gray(img))
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+    if gray or is_gray or _channels_equal(rgb):
+        g = np.round(gray_bgr2gray(rgb)).clip(0, 255).astype(np.uint8)
+        arr = np.repeat(g[None], 3, axis=0)
+    else:
+        arr = rgb.astype(np.uint8).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _palette_is_gray(img: Image.Image) -> bool:
+    return _channels_equal(np.asarray(img.convert("RGB")))
+
+
+def _channels_equal(rgb: np.ndarray) -> bool:
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+class CropSampler:
+    """Random square crops (with flips) of in-memory images, drawn from a seeded torch generator.
+
+    Images are picked with probability proportional to their area, so big and small images are covered evenly.
+    Images smaller than the crop are reflect-padded.
+    """
+
+    def __init__(self, images: Sequence[torch.Tensor], crop: int, *, hflip: bool, vflip: bool) -> None:
+        if not images:
+            raise ValueError("no training images")
+        self.images = [self._ensure_size(im, crop) for im in images]
+        self.crop, self.hflip, self.vflip = crop, hflip, vflip
+        areas = torch.tensor([im.shape[1] * im.shape[2] for im in self.images], dtype=torch.float64)
+        self.weights = areas / areas.sum()
+
+    @staticmethod
+    def _ensure_size(im: torch.Tensor, crop: int) -> torch.Tensor:
+        _, h, w = im.shape
+        if h >= crop and w >= crop:
+            return im
+        ph, pw = max(0, crop - h), max(0, crop - w)
+        padded = torch.nn.functional.pad(im[None].float(), (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw)
+                                         else "replicate")
+        return padded[0].to(torch.uint8)
+
+    def sample(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        """(batch, 3, crop, crop) float32 in [-1, 1]."""
+        idx = torch.multinomial(self.weights, batch, replacement=True, generator=gen)
+        c = self.crop
+        out = torch.empty(batch, 3, c, c)
+        for b, i in enumerate(idx.tolist()):
+            im = self.images[i]
+            y = int(torch.randint(0, im.shape[1] - c + 1, (1,), generator=gen))
+            x = int(torch.randint(0, im.shape[2] - c + 1, (1,), generator=gen))
+            patch = im[:, y : y + c, x : x + c].float()
+            if self.hflip and bool(torch.rand((), generator=gen) < 0.5):
+                patch = patch.flip(-1)
+            if self.vflip and bool(torch.rand((), generator=gen) < 0.5):
+                patch = patch.flip(-2)
+            out[b] = patch
+        return out / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------------------------- objective
+
+
+class Diffusion:
+    """The forward process of the linear 1000-step schedule (``schedule.linear_betas``), as float32 tables."""
+
+    def __init__(self, num_timesteps: int = NUM_TRAIN_TIMESTEPS, device: str | torch.device = "cpu") -> None:
+        ac = np.cumprod(1.0 - linear_betas(num_timesteps))
+        self.num_timesteps = num_timesteps
+        self.sqrt_ac = torch.from_numpy(np.sqrt(ac)).float().to(device)
+        self.sqrt_1m_ac = torch.from_numpy(np.sqrt(1.0 - ac)).float().to(device)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(ac_t) x0 + sqrt(1 - ac_t) eps (Ho et al. 2020, Eq. 4)."""
+        return self.sqrt_ac[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1m_ac[t].view(-1, 1, 1, 1) * noise
+
+
+def diffusion_loss(model: UNetModel, diffusion: Diffusion, x0: torch.Tensor, t: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+    """The simple epsilon loss; only the first ``x0.shape[1]`` output channels (epsilon) are trained."""
+    eps = model(diffusion.q_sample(x0, t, noise), t)[:, : x0.shape[1]]
+    return (eps - noise).square().mean()
+
+
+def training_step(model: UNetModel, optimizer: torch.optim.Optimizer, diffusion: Diffusion, x0: torch.Tensor,
+                  t: torch.Tensor, noise: torch.Tensor, *, grad_clip: float = 1.0) -> float:
+    """One optimiser step on one batch; returns the loss before the step."""
+    model.train()
+    loss = diffusion_loss(model, diffusion, x0, t, noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def ema_update(ema: UNetModel, model: UNetModel, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with the usual warm-up ``min(decay, (1 + n) / (10 + n))``, so early averages are not stale."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def _lr_at(step: int, s: TrainSettings) -> float:
+    return s.lr * min(1.0, (step + 1) / max(1, s.warmup))
+
+
+# -------------------------------------------------------------------------------------------------- files
+
+
+def state_path(out: str | os.PathLike) -> Path:
+    """The resume file beside the output: ``FILE.state.pt``."""
+    out = Path(out)
+    return out.with_name(out.name + ".state.pt")
+
+
+def _loss_curve(losses: Sequence[float], bins: int = 20) -> list[dict[str, float]]:
+    """Mean loss per stretch of steps (at most ``bins`` entries): a compact curve for the metadata."""
+    n = len(losses)
+    if not n:
+        return []
+    width = max(1, math.ceil(n / bins))
+    return [
+        {"steps": [i + 1, min(n, i + width)], "loss": float(np.mean(losses[i : i + width]))}
+        for i in range(0, n, width)
+    ]
+
+
+def _training_record(s: TrainSettings, step: int, losses: Sequence[float], seconds: float,
+                     n_images: int) -> dict[str, Any]:
+    return {
+        "objective": "epsilon MSE (Ho et al. 2020, L_simple), linear 1000-step schedule, uniform t",
+        "settings": s.to_dict(),
+        "command": s.command,
+        "steps_done": step,
+        "train_seconds": round(seconds, 1),
+        "num_images": n_images,
+        "loss_curve": _loss_curve(losses),
+        "final_loss_mean_last_200": float(np.mean(losses[-200:])) if losses else None,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _save(ema: UNetModel, model: UNetModel, opt: torch.optim.Optimizer, gen: torch.Generator, s: TrainSettings,
+          step: int, losses: list[float], seconds: float, n_images: int) -> None:
+    record = _training_record(s, step, losses, seconds, n_images)
+    save_safetensors(ema, s.out, metadata={META_TRAINING: record})
+    state = {
+        "step": step,
+        "seconds": seconds,
+        "losses": torch.tensor(losses, dtype=torch.float64),
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": gen.get_state(),
+        "config": json.dumps(model.config.to_dict()),
+    }
+    path = state_path(s.out)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------------- train
+
+
+def build_model(s: TrainSettings) -> UNetModel:
+    config = UNetConfig.from_create_model_args(s.model_args)
+    if s.crop % config.downsample_factor:
+        raise ValueError(f"--crop {s.crop} must be a multiple of the model's downsample factor "
+                         f"{config.downsample_factor}")
+    return UNetModel(config, default_steps=s.default_steps)
+
+
+def train_prior(s: TrainSettings, *, log: Callable[[str], None] = print) -> Path:
+    """Train (or resume) a prior as described by ``s``; returns the output path (the EMA weights)."""
+    if s.threads:
+        torch.set_num_threads(int(s.threads))
+    device = torch.device(s.device)
+    torch.manual_seed(s.seed)
+    files = find_images(s.data)
+    images = [read_training_image(p, gray=s.gray) for p in files]
+    sampler = CropSampler(images, s.crop, hflip=s.hflip, vflip=s.vflip)
+    log(f"{len(files)} training images from {', '.join(s.data)}; crops {s.crop}px, batch {s.batch_size}, "
+        f"{'gray' if s.gray else 'colour'}")
+
+    model = build_model(s).to(device)
+    ema = build_model(s).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    gen = torch.Generator().manual_seed(s.seed)
+    diffusion = Diffusion(device=device)
+    step, seconds, losses = 0, 0.0, []
+
+    resume_file = state_path(s.out)
+    if s.resume and resume_file.is_file():
+        state = torch.load(resume_file, map_location=device, weights_only=True)
+        if json.loads(state["config"]) != model.config.to_dict():
+            raise ValueError(f"{resume_file}: saved for another architecture; delete it or use --no-resume")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        step, seconds = int(state["step"]), float(state["seconds"])
+        losses = state["losses"].tolist()
+        log(f"resumed from {resume_file} at step {step}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f} M parameters, {json.dumps(model.config.to_dict())}")
+
+    bar = None
+    if s.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=s.steps, initial=step, desc="train-prior", unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    base_seconds = seconds
+    last_saved = step
+    try:
+        while step < s.steps:
+            seconds = base_seconds + time.perf_counter() - start
+            if s.max_minutes is not None and seconds - base_seconds >= s.max_minutes * 60:
+                log(f"time limit of {s.max_minutes} min reached at step {step}")
+                break
+            x0 = sampler.sample(s.batch_size, gen).to(device)
+            t = torch.randint(0, diffusion.num_timesteps, (s.batch_size,), generator=gen).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, s)
+            losses.append(training_step(model, opt, diffusion, x0, t, noise, grad_clip=s.grad_clip))
+            step += 1
+            ema_update(ema, model, ema_decay_at(step, s.ema_decay))
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+            if s.checkpoint_every and step % s.checkpoint_every == 0:
+                _save(ema, model, opt, gen, s, step, losses, base_seconds + time.perf_counter() - start,
+                      len(files))
+                last_saved = step
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = base_seconds + time.perf_counter() - start
+    if step != last_saved or not Path(s.out).is_file():
+        _save(ema, model, opt, gen, s, step, losses, seconds, len(files))
+    log(f"saved {s.out} at step {step} ({seconds / 60:.1f} min in total; "
+        f"mean loss of the last 200 steps {np.mean(losses[-200:]) if losses else float('nan'):.4f})")
+    return Path(s.out)
+
+
+def read_training_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``ddfm_fast.training`` metadata of a trained prior (empty dict if absent)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        meta = fh.metadata() or {}
+    return json.loads(meta[META_TRAINING]) if META_TRAINING in meta else {}
+
+
+def command_line(argv: Optional[Iterable[str]] = None) -> str:
+    """The exact command line as a shell-quoted string (what the metadata records)."""
+    import shlex
+
+    args = list(sys.argv if argv is None else argv)
+    if args and Path(args[0]).name == "cli_train.py":  # python -m ddfm_fast.cli_train
+        args[0:1] = ["python", "-m", "ddfm_fast.cli_train"]
+    elif args:
+        args[0] = Path(args[0]).name
+    return shlex.join(args)
+
+
+__all__ = [
+    "META_TRAINING", "SMALL_PRIOR_ARGS", "TrainSettings", "CropSampler", "Diffusion", "diffusion_loss",
+    "training_step", "train_prior", "find_images", "read_training_image", "read_training_record", "state_path",
+]
