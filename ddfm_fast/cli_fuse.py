@@ -213,6 +213,21 @@ def _load_model(checkpoint: Optional[str], model_config: Optional[Path], device:
     return model
 
 
+def _backend_and_model(settings: batch.RunSettings, checkpoint: Optional[str], model_config: Optional[Path],
+                       device: Any) -> tuple[Any, Any]:
+    """The step backend that will run (an impossible explicit one is an error) and the model (None for EM only)."""
+    from ddfm_fast.dispatch import BackendError, resolve_backend
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the summary records the reason instead
+            choice = resolve_backend(settings.backend, device)
+    except BackendError as exc:
+        raise click.ClickException(str(exc)) from exc
+    model = None if settings.prior == "none" else _load_model(checkpoint, model_config, device)
+    return choice, model
+
+
 def _die_on_input_error(func: Any) -> Any:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -399,15 +414,7 @@ def fuse_command(ctx: click.Context, **p: Any) -> None:
         raise click.UsageError("torchrun shards folder runs (--ir-dir/--vis-dir); fuse a single pair without "
                                "torchrun")
     device = _device(p["device"]) if dist_env is None else _dist_device(dist_env, p["device"])
-    from ddfm_fast.dispatch import BackendError, resolve_backend
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            backend_choice = resolve_backend(settings.backend, device)
-    except BackendError as exc:
-        raise click.ClickException(str(exc)) from exc
-    model = None if settings.prior == "none" else _load_model(checkpoint, p["model_config"], device)
+    backend_choice, model = _backend_and_model(settings, checkpoint, p["model_config"], device)
     bar = _tqdm_factory(p["progress_bar"])
 
     if pairing is None:

@@ -7,7 +7,6 @@ files onto ``eval``'s (:mod:`ddfm_fast.cli_eval`).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +21,7 @@ from ddfm_fast.cli_fuse import (
     PAPER_SEED,
     _device,
     _explicit,
-    _load_model,
+    _backend_and_model,
     _parse_steps,
     _tqdm_factory,
 )
@@ -156,15 +155,7 @@ def score_command(ctx: click.Context, dataset_dir: Path, out: Path, checkpoint: 
         )
 
     dev = _device(device)
-    from ddfm_fast.dispatch import BackendError, resolve_backend
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            backend_choice = resolve_backend(settings.backend, dev)
-    except BackendError as exc:
-        raise click.ClickException(str(exc)) from exc
-    model = None if prior == "none" else _load_model(checkpoint, model_config, dev)
+    backend_choice, model = _backend_and_model(settings, checkpoint, model_config, dev)
     summary_settings: dict[str, Any] = {
         **settings.to_dict(),
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
