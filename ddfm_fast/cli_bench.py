@@ -36,10 +36,47 @@ def _run_gpu_tests(log) -> dict:
             "command": " ".join(cmd), "tail": tail}
 
 
+def _whole_command_seconds(log, repeats: int = 3) -> dict:
+    """``ddfm-fast fuse IR VIS -o OUT`` with the default prior on a 640x480 pair, as a user runs it (median of 3).
+
+    Uses MSRS 00004N from ``../shared/data`` beside the checkout when present, else a synthetic 640x480 pair.
+    """
+    import statistics
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    tests = _tests_dir()
+    shared = Path(os.environ.get("DDFM_SHARED", tests.parent.parent / "shared" if tests else "shared"))
+    ir, vis = shared / "data/ivf/MSRS/ir/00004N.png", shared / "data/ivf/MSRS/vi/00004N.png"
+    with tempfile.TemporaryDirectory() as tmp:
+        if not (ir.is_file() and vis.is_file()):
+            rng = np.random.default_rng(0)
+            yy, xx = np.mgrid[0:480, 0:640]
+            base = (127 + 100 * np.sin(xx / 40.0) * np.cos(yy / 30.0)).astype(np.float64)
+            ir, vis = Path(tmp) / "ir.png", Path(tmp) / "vis.png"
+            Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)).save(ir)
+            Image.fromarray(np.clip(255 - base, 0, 255).astype(np.uint8)).save(vis)
+        cmd = [sys.executable, "-m", "ddfm_fast", "fuse", str(ir), str(vis), "-o", str(Path(tmp) / "out.png")]
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            times.append(time.perf_counter() - t0)
+            if proc.returncode != 0:
+                return {"error": proc.stderr.strip()[-500:], "command": " ".join(cmd)}
+    result = {"pair": f"{ir.name} / {vis.name}", "size": "640x480", "runs_s": [round(t, 2) for t in times],
+              "median_s": round(statistics.median(times), 2), "command": "ddfm-fast fuse IR VIS -o OUT"}
+    log(f"whole command (default prior, 640x480): median {result['median_s']} s of {result['runs_s']}")
+    return result
+
+
 @click.command("bench")
 @click.option("--suite", type=click.Choice(["gpu", "cpu", "quick"]), default="gpu", show_default=True,
               help="gpu: GPU correctness tests + the waterfall with the paper-size model (needs CUDA, < 8 min); "
-                   "cpu: the waterfall with the shipped prior's config on this CPU; quick: a seconds-long check.")
+                   "cpu: the waterfall with the shipped prior's config on this CPU, and the whole "
+                   "`ddfm-fast fuse` command on a 640x480 pair (median of 3); quick: a seconds-long check.")
 @click.option("-o", "--out", type=click.Path(path_type=Path),
               help="JSON report (default: bench/results/<suite>-<date>.json in a checkout, else ./).")
 @click.option("--no-tests", is_flag=True, help="gpu suite: skip the correctness tests, only benchmark.")
@@ -67,7 +104,8 @@ def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optio
         tests = _run_gpu_tests(log)
     plan = benchmarks.plan_for(suite)
     results = benchmarks.run_plan(plan, dev, log=log)
-    payload = benchmarks.results_payload(results, suite=suite, steps=plan.steps, tests=tests,
+    extra = {"whole_command": _whole_command_seconds(log)} if suite == "cpu" else {}
+    payload = benchmarks.results_payload(results, suite=suite, steps=plan.steps, tests=tests, **extra,
                                          total_seconds=round(time.perf_counter() - started, 1),
                                          model=plan.config.to_dict())
     if out is None:
