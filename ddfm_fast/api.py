@@ -20,7 +20,7 @@ from torch import nn
 from ddfm_fast import io
 from ddfm_fast.checkpoint import load_model
 from ddfm_fast.em import TVProx
-from ddfm_fast.em_only import fuse_em_only
+from ddfm_fast.em_only import fuse_em_only, postprocess_em_only
 from ddfm_fast.fast import FastDDFMSampler, FastOptions
 from ddfm_fast.sampler import DDFMSampler, StepOutput
 from ddfm_fast.schedule import Respacing
@@ -128,9 +128,10 @@ def _describe(src: Any) -> str:
 def postprocess_luma(F: torch.Tensor, out_hw: tuple[int, int]) -> FusionResult:
     """The official post-processing applied to a luminance (H, W) in [-1, 1] (EM-only fusion has no RGB sample)."""
     h, w = out_hw
-    luma = F[..., :h, :w].detach().float().cpu().numpy().astype(np.float32)
-    fused = io.to_uint8_official(io.minmax_0_255(luma))
-    sample = torch.from_numpy(luma).expand(3, h, w).clone()
+    cropped = F[..., :h, :w].detach().float().cpu().contiguous()
+    fused = postprocess_em_only(cropped)
+    luma = cropped.numpy()
+    sample = cropped.expand(3, h, w).clone()
     return FusionResult(fused=fused, luma=luma, sample=sample)
 
 
