@@ -152,7 +152,7 @@ def _markdown(report: dict) -> str:
     lines += ["| method | " + " | ".join(PAPER_KEYS) + " |", "| --- | " + " | ".join("---" for _ in PAPER_KEYS) + " |"]
     for method in ("em_only", "prior"):
         lines.append(f"| {method} | " + " | ".join(_fmt(ivf[method][k]) for k in PAPER_KEYS) + " |")
-    lines.append(f"| prior - EM only | " + " | ".join(f"{ivf['prior'][k] - ivf['em_only'][k]:+.3f}"
+    lines.append("| prior - EM only | " + " | ".join(f"{ivf['prior'][k] - ivf['em_only'][k]:+.3f}"
                                                     for k in PAPER_KEYS) + " |")
     lines += ["", f"ddfm-small beats EM only on {ivf['wins']} of {len(PAPER_KEYS)} "
               f"({', '.join(ivf['won']) or 'none'}); target: at least 4.", ""]

@@ -5,6 +5,10 @@ Rows (the issue's order): fp32 eager with materialised attention (the official c
 Each row reports time per image, images/s, peak GPU memory and the PSNR of its 8-bit output against the fp32
 row's, on the same inputs (seeded noise, synthetic sources).
 
+Beside the chain, ``variants`` are measured at the same size (e.g. ``channels_last``: kept only where it helps,
+so it is measured, not assumed). With ``upstream`` (a clone of the official MMIF-DDFM), the official sampler
+itself runs on the same inputs and weights (``ddfm_fast.upstream``) and every row gets its speed-up over it.
+
 Timing protocol: after one warm-up sample (compile and capture happen there and are reported apart as
 ``compile_s``), ``step_s`` is the median over timed steps of a full sample; ``per_image_s`` is the wall time of
 one full N-step sample divided by the batch. Slow rows can be timed on fewer steps (``timed_steps``) and are then
@@ -14,6 +18,7 @@ marked ``extrapolated``: their per-image time is ``N * step_s / batch``; such ro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import platform
 import time
@@ -40,14 +45,17 @@ class Row:
     math_attention: bool = False  # force SDPA's math kernel: the T x T matrix is materialised, as officially
 
 
+# The chain compiles in inductor's default mode: every compile row recompiles the paper-size UNet, and
+# max-autotune's kernel search (minutes per compile, not measured yet on the target GPUs) would put the suite's
+# 8-minute limit at risk. max-autotune is a variant, measured when the budget allows.
+_FP16_COMPILED = FastOptions(dtype=torch.float16, compile=True, compile_mode="default")
 WATERFALL = (
     Row("fp32 eager, materialised attention", FastOptions(), math_attention=True),
     Row("fp16", FastOptions(dtype=torch.float16), math_attention=True),
     Row("+ SDPA", FastOptions(dtype=torch.float16)),
-    Row("+ compile", FastOptions(dtype=torch.float16, compile=True, compile_mode="max-autotune-no-cudagraphs")),
-    Row("+ Triton tail", FastOptions(dtype=torch.float16, compile=True, compile_mode="max-autotune-no-cudagraphs"),
-        backend="triton"),
-    Row("+ CUDA graphs", FastOptions.preset("fast"), backend="triton"),
+    Row("+ compile", _FP16_COMPILED),
+    Row("+ Triton tail", _FP16_COMPILED, backend="triton"),
+    Row("+ CUDA graphs", dataclasses.replace(_FP16_COMPILED, cuda_graphs=True), backend="triton"),
 )
 
 
@@ -66,6 +74,7 @@ class Result:
     extrapolated: bool
     notes: list[str] = field(default_factory=list)
     error: Optional[str] = None
+    speedup_vs_upstream: Optional[float] = None  # official per-image time / this row's (the official runs batch 1)
 
 
 def environment() -> dict[str, Any]:
@@ -144,7 +153,9 @@ def run_row(row: Row, model_fp32: nn.Module, size: tuple[int, int], batch: int, 
     """Time one row. ``model_factory()`` gives a fresh fp32 model when the row casts to half precision."""
     h, w = size
     x, I, V = _inputs(batch, h, w, device)
-    model = model_fp32 if row.options.dtype == torch.float32 or model_factory is None else model_factory()
+    # prepare_model casts and re-lays out in place: rows that change the model get their own copy.
+    changes_model = row.options.dtype != torch.float32 or row.options.channels_last
+    model = model_factory() if changes_model and model_factory is not None else model_fp32
     n = timed_steps or steps
     sampler = FastDDFMSampler(n, backend=row.backend, tau_reduce="image", options=row.options)
     result = Result(row.name, f"{h}x{w}", batch, steps, None, None, None, None, None, None, n != steps)
@@ -205,9 +216,27 @@ class Plan:
     slow_timed_steps: int  # eager rows with materialised attention: timed over this many steps, extrapolated
     budget_s: float
     rows: tuple[Row, ...] = WATERFALL
+    variants: tuple[Row, ...] = ()  # measured at the waterfall size beside the chain, not part of it
 
 
-GPU_PLAN = Plan(ADM256_UNCOND_CONFIG, 100, (480, 640), ((256, 256), (1024, 1280)), (1, 8), 5, 330.0)
+# channels_last is an independent switch; it stays off by default unless a report shows it helps.
+GPU_VARIANTS = (
+    Row("+ CUDA graphs, channels_last", dataclasses.replace(WATERFALL[-1].options, channels_last=True),
+        backend="triton"),
+    Row("+ CUDA graphs, max-autotune (--fast)", FastOptions.preset("fast"), backend="triton"),
+)
+
+
+GPU_PLAN = Plan(ADM256_UNCOND_CONFIG, 100, (480, 640), ((256, 256), (1024, 1280)), (1, 8), 5, 330.0,
+                variants=GPU_VARIANTS)
+
+# The reference README's tiny ADM UNet (tiny_unet_config.json): the smallest model the official code can build
+# and sample (32 GroupNorm groups, learned variance, attention); the CPU suites use it with ``--upstream``.
+TINY_ADM_ARGS = {
+    "image_size": 64, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "", "learn_sigma": True,
+    "attention_resolutions": "16,8", "num_heads": 1, "num_head_channels": 16, "use_scale_shift_norm": True,
+    "resblock_updown": True, "dropout": 0.0,
+}
 
 
 def _small_config() -> UNetConfig:
@@ -221,27 +250,70 @@ CPU_ROWS = (
     Row("bf16", FastOptions(dtype=torch.bfloat16)),
     Row("fp32 + compile", FastOptions(compile=True)),
 )
+CPU_VARIANTS = (Row("fp32 eager, channels_last", FastOptions(channels_last=True)),)
 
 
-def plan_for(suite: str) -> Plan:
+def plan_for(suite: str, *, upstream: bool = False) -> Plan:
     """``gpu``: the paper-size model (random weights, same cost); ``cpu``: the shipped small prior's config;
-    ``quick``: a seconds-long run of the same code (CI)."""
+    ``quick``: a seconds-long run of the same code (CI). With ``upstream``, the CPU suites switch to the tiny ADM
+    config (``TINY_ADM_ARGS``): the shipped prior's layout is one the official code cannot build."""
     if suite == "gpu":
         return GPU_PLAN
+    config = UNetConfig.from_create_model_args(TINY_ADM_ARGS) if upstream else _small_config()
     if suite == "cpu":
-        return Plan(_small_config(), 10, (256, 256), ((480, 640),), (1,), 10, 240.0, rows=CPU_ROWS)
+        return Plan(config, 10, (256, 256), ((480, 640),), (1,), 10, 240.0, rows=CPU_ROWS, variants=CPU_VARIANTS)
     if suite == "quick":
         quick_rows = (CPU_ROWS[0], CPU_ROWS[1],
                       Row("fp32 + compile (dynamo only)", FastOptions(compile=True, compile_backend="eager")))
-        return Plan(_small_config(), 2, (32, 32), (), (1,), 2, 60.0, rows=quick_rows)
+        return Plan(config, 2, (32, 32), (), (1,), 2, 60.0, rows=quick_rows, variants=CPU_VARIANTS)
     raise ValueError(f"unknown suite {suite!r}; choose gpu, cpu or quick")
 
 
-def run_plan(plan: Plan, device: torch.device, log=print) -> list[Result]:
-    """The waterfall at ``plan.waterfall_size`` (batch 1; PSNR against the fp32 row), then the last (fastest) row
-    at the other sizes and batches. Rows left when the budget is spent are reported as skipped, not run."""
+UPSTREAM_ROW = "official MMIF-DDFM (fp32)"
+
+
+def run_upstream(root: Path, model: nn.Module, config: UNetConfig, size: tuple[int, int], steps: int,
+                 device: torch.device, *, reference: Optional[torch.Tensor]) -> Result:
+    """The official sampler from the clone at ``root`` on the waterfall's inputs and ``model``'s weights."""
+    from ddfm_fast import upstream
+
+    h, w = size
+    result = Result(UPSTREAM_ROW, f"{h}x{w}", 1, steps, None, None, None, None, None, None, False)
+    x, I, V = _inputs(1, h, w, device)  # noqa: E741
+    try:
+        run = upstream.run_official(root, config, model.state_dict(), x, I, V, steps)
+    except Exception as exc:  # noqa: BLE001 - an official run that fails (OOM, missing library) is reported
+        result.error = f"{type(exc).__name__}: {exc}"[:500]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return result
+    result.per_image_s = run.seconds
+    result.images_per_s = 1.0 / run.seconds
+    result.step_s = run.seconds / steps
+    result.compile_s = run.warmup_seconds
+    result.peak_mem_gib = run.peak_mem_gib
+    result.notes += run.notes + ["per-image time of one full run (batch 1); compile_s is its 2-step warm-up"]
+    if reference is not None:
+        result.psnr_vs_fp32_db = psnr_8bit(run.sample, reference)
+    result.speedup_vs_upstream = 1.0
+    return result
+
+
+def run_plan(plan: Plan, device: torch.device, log=print, *, upstream: Optional[Path] = None) -> list[Result]:
+    """The waterfall at ``plan.waterfall_size`` (batch 1; PSNR against the fp32 row), its variants, then the last
+    (fastest) row at the other sizes and batches. Rows left when the budget is spent are reported as skipped, not
+    run. With ``upstream`` (a clone of MMIF-DDFM), the official sampler runs right after the reference row and
+    every row carries its speed-up over it (per image)."""
     start = time.perf_counter()
     results: list[Result] = []
+    official: list[Result] = []
+
+    def add(res: Result) -> None:
+        if official and official[0].per_image_s and res.per_image_s and res.speedup_vs_upstream is None:
+            res.speedup_vs_upstream = official[0].per_image_s / res.per_image_s
+        results.append(res)
+        log(format_row(res))
+
     base = random_model(plan.config, device=device)
     factory = lambda: random_model(plan.config, device=device)  # noqa: E731 - half rows cast their own copy
 
@@ -250,24 +322,27 @@ def run_plan(plan: Plan, device: torch.device, log=print) -> list[Result]:
             return False
         res = Result(row.name, f"{size[0]}x{size[1]}", batch, plan.steps, None, None, None, None, None, None,
                      False, error="skipped: the suite's time budget is spent")
-        results.append(res)
-        log(format_row(res))
+        add(res)
         return True
 
     # The fp32 reference for PSNR: fp32 with SDPA (same arithmetic as the first row, without the T x T matrix).
     reference_row = Row("fp32 eager (reference)", FastOptions())
     ref, reference = run_row(reference_row, base, plan.waterfall_size, 1, plan.steps, device, reference=None)
-    results.append(ref)
-    log(format_row(ref))
-    for i, row in enumerate(plan.rows):
+    add(ref)
+    if upstream is not None:
+        official.append(run_upstream(upstream, base, plan.config, plan.waterfall_size, plan.steps, device,
+                                     reference=reference))
+        add(official[0])
+        if ref.per_image_s and official[0].per_image_s:
+            ref.speedup_vs_upstream = official[0].per_image_s / ref.per_image_s
+    for row in (*plan.rows, *plan.variants):
         if over_budget(row, plan.waterfall_size, 1):
             continue
         torch._dynamo.reset()
         timed = plan.slow_timed_steps if row.math_attention else None
         res, _ = run_row(row, base, plan.waterfall_size, 1, plan.steps, device, reference=reference,
                          timed_steps=timed, model_factory=factory)
-        results.append(res)
-        log(format_row(res))
+        add(res)
     fastest = plan.rows[-1]
     for size in (plan.waterfall_size, *plan.fast_sizes):
         for batch in plan.batches:
@@ -277,8 +352,7 @@ def run_plan(plan: Plan, device: torch.device, log=print) -> list[Result]:
                 continue
             torch._dynamo.reset()
             res, _ = run_row(fastest, base, size, batch, plan.steps, device, reference=None, model_factory=factory)
-            results.append(res)
-            log(format_row(res))
+            add(res)
     return results
 
 
@@ -288,8 +362,9 @@ def format_row(r: Result) -> str:
     psnr = "-" if r.psnr_vs_fp32_db is None else f"{r.psnr_vs_fp32_db:6.1f}"
     mem = "-" if r.peak_mem_gib is None else f"{r.peak_mem_gib:6.2f}"
     ext = "*" if r.extrapolated else " "
+    speedup = "" if r.speedup_vs_upstream is None else f"  x{r.speedup_vs_upstream:.1f} vs official"
     return (f"{r.row:<38} {r.size:>10} b{r.batch:<2} {r.per_image_s:9.3f}{ext} s/img {r.images_per_s:8.3f} img/s "
-            f"step {1e3 * r.step_s:8.2f} ms  compile {r.compile_s:6.1f} s  mem {mem} GiB  PSNR {psnr} dB")
+            f"step {1e3 * r.step_s:8.2f} ms  compile {r.compile_s:6.1f} s  mem {mem} GiB  PSNR {psnr} dB{speedup}")
 
 
 def write_report(path: Path, payload: dict[str, Any]) -> Path:

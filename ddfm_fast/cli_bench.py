@@ -81,7 +81,12 @@ def _whole_command_seconds(log, repeats: int = 3) -> dict:
               help="JSON report (default: bench/results/<suite>-<date>.json in a checkout, else ./).")
 @click.option("--no-tests", is_flag=True, help="gpu suite: skip the correctness tests, only benchmark.")
 @click.option("--device", default=None, help="Device (default: cuda for gpu, cpu otherwise).")
-def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optional[str]) -> None:
+@click.option("--upstream", type=click.Path(path_type=Path), metavar="PATH",
+              help="A clone of the official MMIF-DDFM: its sampler runs on the same inputs and weights at the "
+                   "waterfall size (batch 1), and every row gets its speed-up over it. The cpu/quick suites "
+                   "then use a tiny ADM model the official code can build.")
+def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optional[str],
+                  upstream: Optional[Path]) -> None:
     """Benchmark the fast path row by row (fp32 eager -> fp16 -> + SDPA -> + compile -> + Triton tail ->
     + CUDA graphs): time per image, images/s, peak memory and PSNR of the 8-bit output against fp32.
 
@@ -91,7 +96,13 @@ def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optio
     import torch
 
     from ddfm_fast import benchmarks
+    from ddfm_fast.upstream import UpstreamError, check_clone
 
+    if upstream is not None:
+        try:
+            upstream = check_clone(upstream)
+        except UpstreamError as exc:
+            raise click.BadParameter(str(exc), param_hint="--upstream") from exc
     dev = torch.device(device or ("cuda" if suite == "gpu" else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise click.ClickException("the gpu suite needs a CUDA device; torch sees none (use --suite cpu here)")
@@ -102,12 +113,13 @@ def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optio
     tests = {"ran": False, "reason": "not the gpu suite" if suite != "gpu" else "--no-tests"}
     if suite == "gpu" and not no_tests:
         tests = _run_gpu_tests(log)
-    plan = benchmarks.plan_for(suite)
-    results = benchmarks.run_plan(plan, dev, log=log)
+    plan = benchmarks.plan_for(suite, upstream=upstream is not None)
+    results = benchmarks.run_plan(plan, dev, log=log, upstream=upstream)
     extra = {"whole_command": _whole_command_seconds(log)} if suite == "cpu" else {}
     payload = benchmarks.results_payload(results, suite=suite, steps=plan.steps, tests=tests, **extra,
                                          total_seconds=round(time.perf_counter() - started, 1),
-                                         model=plan.config.to_dict())
+                                         model=plan.config.to_dict(),
+                                         upstream=None if upstream is None else str(upstream))
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         root = _tests_dir().parent / "bench" / "results" if _tests_dir() is not None else Path(".")
