@@ -300,8 +300,8 @@ def run_upstream(root: Path, model: nn.Module, config: UNetConfig, size: tuple[i
 
 
 def run_plan(plan: Plan, device: torch.device, log=print, *, upstream: Optional[Path] = None) -> list[Result]:
-    """The waterfall at ``plan.waterfall_size`` (batch 1; PSNR against the fp32 row), its variants, then the last
-    (fastest) row at the other sizes and batches. Rows left when the budget is spent are reported as skipped, not
+    """The waterfall at ``plan.waterfall_size`` (batch 1; PSNR against the fp32 row), the last (fastest) row at the
+    other sizes and batches, then the variants at the waterfall size. Rows left when the budget is spent are reported as skipped, not
     run. With ``upstream`` (a clone of MMIF-DDFM), the official sampler runs right after the reference row and
     every row carries its speed-up over it (per image)."""
     start = time.perf_counter()
@@ -335,14 +335,19 @@ def run_plan(plan: Plan, device: torch.device, log=print, *, upstream: Optional[
         add(official[0])
         if ref.per_image_s and official[0].per_image_s:
             ref.speedup_vs_upstream = official[0].per_image_s / ref.per_image_s
-    for row in (*plan.rows, *plan.variants):
+    def waterfall_row(row: Row) -> None:
         if over_budget(row, plan.waterfall_size, 1):
-            continue
+            return
         torch._dynamo.reset()
         timed = plan.slow_timed_steps if row.math_attention else None
         res, _ = run_row(row, base, plan.waterfall_size, 1, plan.steps, device, reference=reference,
                          timed_steps=timed, model_factory=factory)
         add(res)
+
+    for row in plan.rows:
+        waterfall_row(row)
+    # The targets (other sizes, batch 8, peak memory at the largest size) come before the variants, so that a
+    # slow variant (max-autotune's kernel search) cannot push them out of the budget.
     fastest = plan.rows[-1]
     for size in (plan.waterfall_size, *plan.fast_sizes):
         for batch in plan.batches:
@@ -353,6 +358,8 @@ def run_plan(plan: Plan, device: torch.device, log=print, *, upstream: Optional[
             torch._dynamo.reset()
             res, _ = run_row(fastest, base, size, batch, plan.steps, device, reference=None, model_factory=factory)
             add(res)
+    for row in plan.variants:
+        waterfall_row(row)
     return results
 
 

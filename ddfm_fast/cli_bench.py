@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -85,8 +86,11 @@ def _whole_command_seconds(log, repeats: int = 3) -> dict:
               help="A clone of the official MMIF-DDFM: its sampler runs on the same inputs and weights at the "
                    "waterfall size (batch 1), and every row gets its speed-up over it. The cpu/quick suites "
                    "then use a tiny ADM model the official code can build.")
+@click.option("--budget-s", type=click.FloatRange(min=0), default=None,
+              help="Seconds the benchmark rows may start within (default: the suite's; gpu 330). Rows not "
+                   "started in time are reported as skipped.")
 def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optional[str],
-                  upstream: Optional[Path]) -> None:
+                  upstream: Optional[Path], budget_s: Optional[float]) -> None:
     """Benchmark the fast path row by row (fp32 eager -> fp16 -> + SDPA -> + compile -> + Triton tail ->
     + CUDA graphs): time per image, images/s, peak memory and PSNR of the 8-bit output against fp32.
 
@@ -114,6 +118,8 @@ def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optio
     if suite == "gpu" and not no_tests:
         tests = _run_gpu_tests(log)
     plan = benchmarks.plan_for(suite, upstream=upstream is not None)
+    if budget_s is not None:
+        plan = dataclasses.replace(plan, budget_s=budget_s)
     results = benchmarks.run_plan(plan, dev, log=log, upstream=upstream)
     extra = {"whole_command": _whole_command_seconds(log)} if suite == "cpu" else {}
     payload = benchmarks.results_payload(results, suite=suite, steps=plan.steps, tests=tests, **extra,

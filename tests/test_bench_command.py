@@ -86,7 +86,7 @@ def test_gpu_plan_runs_end_to_end_on_cpu_with_a_tiny_model(monkeypatch):
     results = benchmarks.run_plan(plan, torch.device("cpu"), log=lines.append)
     names = [(r.row, r.size, r.batch) for r in results]
     assert names == [("fp32 eager (reference)", "16x16", 1)] + [(r.name, "16x16", 1) for r in plan.rows] + [
-        (r.name, "16x16", 1) for r in plan.variants] + [("+ CUDA graphs", "16x16", 2)]
+        ("+ CUDA graphs", "16x16", 2)] + [(r.name, "16x16", 1) for r in plan.variants]
     assert len(lines) == len(results)
     for r in results:
         assert r.error is None, (r.row, r.error)
@@ -95,4 +95,13 @@ def test_gpu_plan_runs_end_to_end_on_cpu_with_a_tiny_model(monkeypatch):
     first = by[("fp32 eager, materialised attention", "16x16", 1)]
     assert first.extrapolated and first.psnr_vs_fp32_db is None  # timed on 1 of 2 steps
     # Every fully timed fp16 row is compared with the fp32 reference on the 8-bit output.
-    assert all(r.psnr_vs_fp32_db > 40 for r in results[3:len(plan.rows) + len(plan.variants) + 1])
+    assert all(r.psnr_vs_fp32_db > 40 for r in results[3:len(plan.rows) + 1] + results[-len(plan.variants):])
+
+
+def test_budget_zero_skips_every_row_after_the_reference(tmp_path):
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(main, ["bench", "--suite", "quick", "--budget-s", "0", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["row"] == "fp32 eager (reference)" and rows[0]["error"] is None
+    assert len(rows) == 5 and all(r["error"] == "skipped: the suite's time budget is spent" for r in rows[1:])
