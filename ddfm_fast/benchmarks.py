@@ -24,7 +24,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -299,11 +299,13 @@ def run_upstream(root: Path, model: nn.Module, config: UNetConfig, size: tuple[i
     return result
 
 
-def run_plan(plan: Plan, device: torch.device, log=print, *, upstream: Optional[Path] = None) -> list[Result]:
+def run_plan(plan: Plan, device: torch.device, log=print, *, upstream: Optional[Path] = None,
+             on_result: Optional[Callable[[list[Result]], None]] = None) -> list[Result]:
     """The waterfall at ``plan.waterfall_size`` (batch 1; PSNR against the fp32 row), the last (fastest) row at the
     other sizes and batches, then the variants at the waterfall size. Rows left when the budget is spent are reported as skipped, not
     run. With ``upstream`` (a clone of MMIF-DDFM), the official sampler runs right after the reference row and
-    every row carries its speed-up over it (per image)."""
+    every row carries its speed-up over it (per image). ``on_result(results_so_far)`` is called after every row
+    (the bench command rewrites its report there, so a run killed by a time limit keeps what it measured)."""
     start = time.perf_counter()
     results: list[Result] = []
     official: list[Result] = []
@@ -313,6 +315,8 @@ def run_plan(plan: Plan, device: torch.device, log=print, *, upstream: Optional[
             res.speedup_vs_upstream = official[0].per_image_s / res.per_image_s
         results.append(res)
         log(format_row(res))
+        if on_result is not None:
+            on_result(results)
 
     base = random_model(plan.config, device=device)
     factory = lambda: random_model(plan.config, device=device)  # noqa: E731 - half rows cast their own copy

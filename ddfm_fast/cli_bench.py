@@ -120,17 +120,26 @@ def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optio
     plan = benchmarks.plan_for(suite, upstream=upstream is not None)
     if budget_s is not None:
         plan = dataclasses.replace(plan, budget_s=budget_s)
-    results = benchmarks.run_plan(plan, dev, log=log, upstream=upstream)
-    extra = {"whole_command": _whole_command_seconds(log)} if suite == "cpu" else {}
-    payload = benchmarks.results_payload(results, suite=suite, steps=plan.steps, tests=tests, **extra,
-                                         total_seconds=round(time.perf_counter() - started, 1),
-                                         model=plan.config.to_dict(),
-                                         upstream=None if upstream is None else str(upstream))
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         root = _tests_dir().parent / "bench" / "results" if _tests_dir() is not None else Path(".")
         out = root / f"{suite}-{stamp}.json"
-    benchmarks.write_report(out, payload)
+
+    def save(results: list, complete: bool, **extra: object) -> dict:
+        # Rewritten (atomically) after the tests and after every row: a run stopped by a time limit keeps its
+        # measurements, marked "complete": false.
+        payload = benchmarks.results_payload(results, suite=suite, steps=plan.steps, tests=tests, complete=complete,
+                                             total_seconds=round(time.perf_counter() - started, 1),
+                                             model=plan.config.to_dict(),
+                                             upstream=None if upstream is None else str(upstream), **extra)
+        benchmarks.write_report(out, payload)
+        return payload
+
+    save([], False)
+    results = benchmarks.run_plan(plan, dev, log=log, upstream=upstream,
+                                  on_result=lambda so_far: save(so_far, False))
+    extra = {"whole_command": _whole_command_seconds(log)} if suite == "cpu" else {}
+    payload = save(results, True, **extra)
     click.echo(f"report: {out} ({payload['total_seconds']} s)", err=True)
     failed = [r for r in results if r.error and not r.error.startswith("skipped")]
     if tests.get("exit_code") not in (None, 0) or (failed and suite != "gpu"):

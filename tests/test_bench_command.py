@@ -16,6 +16,7 @@ def test_quick_suite_writes_a_report(tmp_path):
     res = CliRunner().invoke(main, ["bench", "--suite", "quick", "-o", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
+    assert report["complete"] is True
     env = report["environment"]
     assert env["device"].startswith("cpu") and env["torch"] and "date" in env
     rows = {r["row"]: r for r in report["rows"]}
@@ -82,8 +83,10 @@ def test_gpu_plan_runs_end_to_end_on_cpu_with_a_tiny_model(monkeypatch):
         waterfall_size=(16, 16), fast_sizes=(), batches=(1, 2), slow_timed_steps=1, budget_s=600.0,
         rows=tuple(cpu_row(r) for r in benchmarks.GPU_PLAN.rows),
         variants=tuple(cpu_row(r) for r in benchmarks.GPU_PLAN.variants))
-    lines = []
-    results = benchmarks.run_plan(plan, torch.device("cpu"), log=lines.append)
+    lines, seen = [], []
+    results = benchmarks.run_plan(plan, torch.device("cpu"), log=lines.append,
+                                  on_result=lambda so_far: seen.append(len(so_far)))
+    assert seen == list(range(1, len(results) + 1))  # called after every row, with all rows so far
     names = [(r.row, r.size, r.batch) for r in results]
     assert names == [("fp32 eager (reference)", "16x16", 1)] + [(r.name, "16x16", 1) for r in plan.rows] + [
         ("+ CUDA graphs", "16x16", 2)] + [(r.name, "16x16", 1) for r in plan.variants]
@@ -105,3 +108,25 @@ def test_budget_zero_skips_every_row_after_the_reference(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["row"] == "fp32 eager (reference)" and rows[0]["error"] is None
     assert len(rows) == 5 and all(r["error"] == "skipped: the suite's time budget is spent" for r in rows[1:])
+
+
+def test_a_run_stopped_midway_leaves_the_rows_it_measured(tmp_path, monkeypatch):
+    """The report is rewritten after every row: a run killed by a time limit keeps its measurements."""
+    from ddfm_fast import benchmarks
+
+    real_run_row, calls = benchmarks.run_row, []
+
+    def run_row_then_stop(*args, **kwargs):
+        calls.append(args[0].name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a time limit's signal looks like to the process
+        return real_run_row(*args, **kwargs)
+
+    monkeypatch.setattr(benchmarks, "run_row", run_row_then_stop)
+    out = tmp_path / "partial.json"
+    res = CliRunner().invoke(main, ["bench", "--suite", "quick", "-o", str(out)])
+    assert res.exit_code != 0
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    assert [r["row"] for r in report["rows"]] == ["fp32 eager (reference)", "fp32 eager"]
+    assert all(r["per_image_s"] > 0 for r in report["rows"])
