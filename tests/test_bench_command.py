@@ -130,3 +130,12 @@ def test_a_run_stopped_midway_leaves_the_rows_it_measured(tmp_path, monkeypatch)
     assert report["complete"] is False
     assert [r["row"] for r in report["rows"]] == ["fp32 eager (reference)", "fp32 eager"]
     assert all(r["per_image_s"] > 0 for r in report["rows"])
+
+
+def test_gpu_tests_that_overrun_are_stopped_and_reported():
+    from ddfm_fast.cli_bench import _run_gpu_tests
+
+    lines = []
+    report = _run_gpu_tests(lines.append, timeout_s=0.05)  # far less than pytest needs to start
+    assert report["ran"] and report["exit_code"] == 124
+    assert lines[-1] == "ddfm-fast bench: the GPU tests ran past 0.05 s and were stopped"
