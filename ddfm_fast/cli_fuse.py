@@ -453,20 +453,23 @@ def fuse_command(ctx: click.Context, **p: Any) -> None:
         summary_settings=summary_settings, inputs=inputs,
         bar=bar, step_bar=bar, progress_dir=progress_dir,
     )
-    rate = summary.images_per_s
-    click.echo(
-        f"{len(summary.done)} fused, {len(summary.skipped)} skipped (output exists), {len(summary.failed)} failed, "
-        f"{len(summary.unpaired)} unpaired file(s)"
-        + (f"; {rate:.3g} images/s" if rate else "")
-        + f"; summary: {out / batch.SUMMARY_NAME}",
-        err=True,
-    )
+    click.echo(_totals_line(len(summary.done), len(summary.skipped), len(summary.failed), len(summary.unpaired),
+                            summary.images_per_s, out), err=True)
     for item in summary.unpaired:
         click.echo(f"unpaired: {item['file']}: {item['reason']}", err=True)
     if summary.failed:
         for item in summary.failed:
             click.echo(f"failed: {item['stem']}: {item['reason']}", err=True)
         ctx.exit(EXIT_PAIRS_FAILED)
+
+
+def _totals_line(done: int, skipped: int, failed: int, unpaired: int, rate: Optional[float], out: Path,
+                 ranks: Optional[int] = None) -> str:
+    """The one line a folder run ends with (single process, or rank 0 of a torchrun run)."""
+    return (f"{done} fused, {skipped} skipped (output exists), {failed} failed, {unpaired} unpaired file(s)"
+            + (f" on {ranks} ranks" if ranks is not None else "")
+            + (f"; {rate:.3g} images/s" if rate else "")
+            + f"; summary: {out / batch.SUMMARY_NAME}")
 
 
 # --------------------------------------------------------------------------------------------------- torchrun
@@ -515,15 +518,9 @@ def _fuse_distributed(env: Any, model: Any, pairing: batch.Pairing, out: Path, s
         )
         code, doc = distributed.finish_fuse(dctx, summary, out, EXIT_PAIRS_FAILED)
     if doc is not None:
-        counts, timing = doc["counts"], doc["timing"]
-        rate = timing["images_per_s"]
-        click.echo(
-            f"{counts['done']} fused, {counts['skipped']} skipped (output exists), {counts['failed']} failed, "
-            f"{counts['unpaired']} unpaired file(s) on {env.world_size} ranks"
-            + (f"; {rate:.3g} images/s" if rate else "")
-            + f"; summary: {out / batch.SUMMARY_NAME}",
-            err=True,
-        )
+        counts = doc["counts"]
+        click.echo(_totals_line(counts["done"], counts["skipped"], counts["failed"], counts["unpaired"],
+                                doc["timing"]["images_per_s"], out, ranks=env.world_size), err=True)
         for rank in doc["distributed"]["ranks"]:
             r_rate = rank["images_per_s"]
             click.echo(f"rank {rank['rank']} ({rank['host']}, {rank['device']}): {rank['done']} fused, "
