@@ -238,6 +238,8 @@ def test_folder_run_reports_bad_pairs_resumes_and_batches(tmp_path: Path, folder
     assert s["settings"]["size_policy"] == "pad" and s["inputs"] == {"ir": str(ir_dir), "vis": str(vis_dir)}
     assert s["versions"]["torch"] and s["timing"]["images_per_s"] > 0
     assert "c:" in res.output and "only_ir.png" in res.output
+    assert "2 fused, 0 skipped (output exists), 2 failed, 2 unpaired file(s); " in res.output
+    assert f"images/s; summary: {out / batch.SUMMARY_NAME}" in res.output
 
     # Resume: existing outputs are skipped (files untouched); the bad pairs are retried and fail again.
     single = {k: gray(out / f"{k}.png") for k in "ab"}

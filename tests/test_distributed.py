@@ -227,6 +227,7 @@ def test_torchrun_fuse_matches_single_process_and_reports_bad_pair(tmp_path: Pat
     # first non-zero exit (the others may show as SIGTERM while exiting) and itself exits 1.
     assert res.returncode != 0, log
     assert "exitcode  : 3" in log, log
+    assert "5 fused, 0 skipped (output exists), 1 failed, 0 unpaired file(s) on 2 ranks; " in log, log
     _assert_same_outputs(out, single)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     s = _summary(out)
