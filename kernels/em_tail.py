@@ -369,8 +369,8 @@ def default_tiles(device: torch.device | str, height: int, width: int) -> TileCo
     """The tile shape for ``device``.
 
     GPU: 4 x 128 tiles (rows of 512 contiguous bytes for coalescing), 4 warps for kernel A (4 elements per
-    thread) and 8 for kernel B (2 per thread). ptxas for sm_90 (triton 3.6, no fp fusion) reports 42 and 64
-    registers and no spills; at 8 elements per thread kernel B needs 176 registers, which caps occupancy at
+    thread) and 8 for kernel B (2 per thread). ptxas for sm_90 (triton 3.6, no fp fusion, specialised as a GPU
+    launch; tests/test_kernels_aot.py) reports 52 and 64 registers and no spills; at 8 elements per thread kernel B needs 176 registers, which caps occupancy at
     2 blocks per SM, too few loads in flight for a memory-bound kernel. (Not yet timed on a GPU.)
     CPU interpreter: tiles of up to 2^18 elements, so that an image takes one or two programs (each program is
     a Python call there; few large ones are fast, many small ones are not).

@@ -2,9 +2,11 @@
 
 Run as a script in its own process with ``TRITON_INTERPRET=0`` (the test process interprets Triton, and the
 choice is made when ``@triton.jit`` runs). The launchers in ``kernels/em_tail.py`` are driven on CPU tensors with
-the GPU tile shapes; each kernel launch is captured instead of run, then compiled by Triton's own pipeline
-(TTIR -> TTGIR -> LLVM -> PTX -> cubin through the ptxas that ships with Triton) for each target, and ptxas -v
-reports registers and spills. Prints one JSON list: kernel, target, constexprs, options, registers, spill bytes.
+the GPU tile shapes; each kernel launch is captured instead of run, specialised exactly as ``JITFunction.run``
+does on a GPU (Triton's own binder and ``_pack_args`` with the target's backend: integer arguments equal to 1
+become constants, pointers and integers divisible by 16 get the divisibility attribute), and compiled by Triton's
+pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin through the ptxas that ships with Triton); ptxas -v reports
+registers and spills. Prints one JSON list: kernel, target, constexprs, options, registers, spill bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from ddfm_fast.em import em_init  # noqa: E402
 from ddfm_fast.kernels import em_tail  # noqa: E402
@@ -39,30 +43,15 @@ SCENARIOS = (
 )
 
 
-def _type(a: object) -> str:
-    if isinstance(a, torch.Tensor):
-        return "*" + {torch.float32: "fp32", torch.float64: "fp64"}[a.dtype]
-    if isinstance(a, bool):
-        return "i1"
-    if isinstance(a, int):
-        return "i32" if -2**31 <= a < 2**31 else "i64"
-    if isinstance(a, float):
-        return "fp32"
-    raise TypeError(f"unexpected kernel argument type {type(a).__name__}")
-
-
-def capture() -> list[tuple[object, dict, dict, dict]]:
-    """Every distinct (kernel, signature, constexprs, options) the launchers produce for SCENARIOS."""
+def capture() -> list[tuple[object, tuple, dict]]:
+    """Every distinct kernel launch (kernel, positional args, keyword args) the launchers make for SCENARIOS."""
     launches: dict[str, tuple] = {}
 
     def recorder(kernel):
         def run(*args, grid, warmup, **kwargs):
-            signature = {name: _type(a) for name, a in zip(kernel.arg_names, args)}
-            constexprs = {k: v for k, v in kwargs.items() if k in kernel.arg_names}
-            options = {k: v for k, v in kwargs.items() if k not in kernel.arg_names}
-            signature.update({k: "constexpr" for k in constexprs})
-            key = json.dumps([kernel.__name__, signature, constexprs, options], sort_keys=True)
-            launches[key] = (kernel, signature, constexprs, options)
+            described = [(type(a).__name__, a.dtype, a.stride(), a.data_ptr() % 16) if isinstance(a, torch.Tensor)
+                         else a for a in args]
+            launches[repr((kernel.__name__, described, sorted(kwargs.items())))] = (kernel, args, kwargs)
         return run
 
     for name in KERNELS:
@@ -85,6 +74,15 @@ def capture() -> list[tuple[object, dict, dict, dict]]:
     return list(launches.values())
 
 
+def specialise(kernel, args: tuple, kwargs: dict, backend) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) as ``JITFunction.run`` computes them for ``backend``'s target."""
+    kwargs = {**kwargs, "debug": False}
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
+
+
 def ptxas_report(ptx: str, capability: int) -> dict:
     arch = f"sm_{capability}{'a' if capability >= 90 else ''}"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -102,12 +100,24 @@ def ptxas_report(ptx: str, capability: int) -> dict:
 
 def main(capabilities: list[int]) -> list[dict]:
     rows = []
-    for kernel, signature, constexprs, options in capture():
+    seen: set[str] = set()
+    for kernel, args, kwargs in capture():
         for cap in capabilities:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", cap, 32), options=dict(options))
-            rows.append({"kernel": kernel.__name__, "capability": cap, "constexprs": constexprs,
-                         "options": options, "stages": sorted(compiled.asm), **ptxas_report(compiled.asm["ptx"], cap)})
+            target = GPUTarget("cuda", cap, 32)
+            signature, constexprs, attrs, options = specialise(kernel, args, kwargs, make_backend(target))
+            key = repr((kernel.__name__, cap, signature, sorted(constexprs.items()), sorted(attrs.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                      options=options.__dict__)
+            named = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()}
+            rows.append({"kernel": kernel.__name__, "capability": cap,
+                         "constexprs": {k: v for k, v in named.items() if k in kwargs},
+                         "specialised_to_1": sorted(k for k, v in named.items() if k not in kwargs),
+                         "divisible_by_16": len(attrs),
+                         "options": {k: kwargs[k] for k in ("num_warps", "enable_fp_fusion") if k in kwargs},
+                         "stages": sorted(compiled.asm), **ptxas_report(compiled.asm["ptx"], cap)})
     return rows
 
 

@@ -2,7 +2,7 @@
 
 The rest of the kernel tests run Triton's interpreter, which accepts programs the GPU compiler rejects (and says
 nothing about registers). Here ``tests/aot_kernels.py`` drives the launchers with the GPU tile shapes, captures
-every launch, and compiles it with Triton's own pipeline down to a cubin for sm_80 (A100) and sm_90 (H100/H200),
+every launch, specialises it as Triton does for a GPU launch, and compiles it with Triton's own pipeline down to a cubin for sm_80 (A100) and sm_90 (H100/H200),
 through the ptxas that ships in the Triton wheel. Running the cubins still needs a GPU (tests/test_gpu.py).
 """
 
@@ -41,6 +41,11 @@ def test_every_kernel_variant_compiles_to_a_cubin(compiled):
     for switch in ("FROM_RGB", "SOFT", "CLIP"):
         assert {c[switch] for c in post} == {True, False}, switch
     assert any(r["constexprs"].get("SEG_ITERS", 1) > 1 for r in compiled)  # the looping tau reduction
+    # Specialised as a GPU launch is: unit column strides become constants, aligned pointers get divisibility 16
+    # (what lets the compiler vectorise the loads); otherwise the registers below would describe another kernel.
+    for r in compiled:
+        if r["kernel"] != "_tau_finish_kernel":
+            assert {"s_sw", "i_sw", "v_sw"} <= set(r["specialised_to_1"]) and r["divisible_by_16"] >= 20, r
 
 
 def test_no_register_spills_and_room_for_two_blocks_per_sm(compiled):
