@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import platform
 import time
@@ -74,7 +75,8 @@ class Result:
     extrapolated: bool
     notes: list[str] = field(default_factory=list)
     error: Optional[str] = None
-    speedup_vs_upstream: Optional[float] = None  # official per-image time / this row's (the official runs batch 1)
+    speedup_vs_upstream: Optional[float] = None  # official per-image time / this row's, same size (official: batch 1)
+    warmup_peak_mem_gib: Optional[float] = None  # peak during the first sample (compile, autotune, graph capture)
 
 
 def environment() -> dict[str, Any]:
@@ -150,24 +152,36 @@ def psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_row(row: Row, model_fp32: nn.Module, size: tuple[int, int], batch: int, steps: int, device: torch.device,
             *, reference: Optional[torch.Tensor], timed_steps: Optional[int] = None,
             model_factory=None) -> tuple[Result, Optional[torch.Tensor]]:
-    """Time one row. ``model_factory()`` gives a fresh fp32 model when the row casts to half precision."""
+    """Time one row. ``model_factory()`` gives a fresh fp32 model when the row casts to half precision.
+
+    Peak memory is this row's own: its model, buffers, graph pool and activations, measured over the timed samples
+    (``peak_mem_gib``) and over the first, compiling sample (``warmup_peak_mem_gib``); memory held before the row
+    (the shared fp32 model when the row does not use it, other rows' leftovers) is not counted.
+    """
+    cuda = device.type == "cuda"
     h, w = size
     x, I, V = _inputs(batch, h, w, device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if cuda else 0
     # prepare_model casts and re-lays out in place: rows that change the model get their own copy.
     changes_model = row.options.dtype != torch.float32 or row.options.channels_last
-    model = model_factory() if changes_model and model_factory is not None else model_fp32
+    fresh = changes_model and model_factory is not None
+    model = model_factory() if fresh else model_fp32
+    shared_bytes = 0 if fresh else _module_bytes(model)  # allocated before the row, but the row uses it
     n = timed_steps or steps
     sampler = FastDDFMSampler(n, backend=row.backend, tau_reduce="image", options=row.options)
     result = Result(row.name, f"{h}x{w}", batch, steps, None, None, None, None, None, None, n != steps)
     try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         with _attention(row.math_attention), torch.no_grad():
             step_times: list[float] = []
             t0 = time.perf_counter()
             sampler.sample(model, x, I, V)  # warm-up: compile / capture
             _sync(device)
             warm = time.perf_counter() - t0
+            if cuda:
+                result.warmup_peak_mem_gib = (torch.cuda.max_memory_allocated(device) - before + shared_bytes) / 2**30
+                torch.cuda.reset_peak_memory_stats(device)
             last = [time.perf_counter()]
 
             def tick(_):
@@ -192,16 +206,25 @@ def run_row(row: Row, model_fp32: nn.Module, size: tuple[int, int], batch: int, 
         result.per_image_s = (steps * result.step_s if n != steps else total) / batch
         result.images_per_s = 1.0 / result.per_image_s
         result.notes += runner.notes + [f"backend: {runner.backend.describe()}"]
-        if device.type == "cuda":
-            result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        if cuda:
+            result.peak_mem_gib = (torch.cuda.max_memory_allocated(device) - before + shared_bytes) / 2**30
         if reference is not None and n == steps:
             result.psnr_vs_fp32_db = psnr_8bit(out, reference)
         return result, (out if n == steps else None)
     except Exception as exc:  # noqa: BLE001 - a row that cannot run (OOM, no Triton) is reported, not fatal
         result.error = f"{type(exc).__name__}: {exc}"[:500]
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         return result, None
+    finally:
+        # Free this row's runners (buffers, graph pool, compiled step) and model copy before the next row.
+        sampler.close()
+        del sampler, model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 @dataclass(frozen=True)
@@ -282,20 +305,21 @@ def run_upstream(root: Path, model: nn.Module, config: UNetConfig, size: tuple[i
     x, I, V = _inputs(1, h, w, device)  # noqa: E741
     try:
         run = upstream.run_official(root, config, model.state_dict(), x, I, V, steps)
+        result.per_image_s = run.seconds
+        result.images_per_s = 1.0 / run.seconds
+        result.step_s = run.seconds / steps
+        result.compile_s = run.warmup_seconds
+        result.peak_mem_gib = run.peak_mem_gib
+        result.notes += run.notes + ["per-image time of one full run (batch 1); compile_s is its 2-step warm-up"]
+        if reference is not None:
+            result.psnr_vs_fp32_db = psnr_8bit(run.sample, reference)
+        result.speedup_vs_upstream = 1.0
     except Exception as exc:  # noqa: BLE001 - an official run that fails (OOM, missing library) is reported
         result.error = f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return result
-    result.per_image_s = run.seconds
-    result.images_per_s = 1.0 / run.seconds
-    result.step_s = run.seconds / steps
-    result.compile_s = run.warmup_seconds
-    result.peak_mem_gib = run.peak_mem_gib
-    result.notes += run.notes + ["per-image time of one full run (batch 1); compile_s is its 2-step warm-up"]
-    if reference is not None:
-        result.psnr_vs_fp32_db = psnr_8bit(run.sample, reference)
-    result.speedup_vs_upstream = 1.0
     return result
 
 
@@ -313,7 +337,9 @@ def run_plan(plan: Plan, device: torch.device, log=print, *, upstream: Optional[
     official: list[Result] = []
 
     def add(res: Result) -> None:
-        if official and official[0].per_image_s and res.per_image_s and res.speedup_vs_upstream is None:
+        # Per image, at the official run's size only (it runs one size, batch 1).
+        if (official and official[0].per_image_s and res.per_image_s and res.speedup_vs_upstream is None
+                and res.size == official[0].size):
             res.speedup_vs_upstream = official[0].per_image_s / res.per_image_s
         results.append(res)
         log(format_row(res))

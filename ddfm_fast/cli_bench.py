@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,14 +30,17 @@ def _run_gpu_tests(log, timeout_s: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_gpu.py"),
            str(tests / "test_kernels.py"), "-k", "not interpreter"]
     t0 = time.perf_counter()
+    # Its own session, so that a timeout stops pytest and whatever it started (inductor's compile workers).
+    proc = subprocess.Popen(cmd, cwd=tests.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=tests.parent, env=env, capture_output=True, text=True, timeout=timeout_s)
-        code, text = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:  # the benchmarks still run; the command exits non-zero at the end
+        text, _ = proc.communicate(timeout=timeout_s)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:  # the benchmarks still run; the command exits non-zero at the end
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
         code = 124
-        text = "".join(s.decode(errors="replace") if isinstance(s, bytes) else (s or "")
-                       for s in (exc.stdout, exc.stderr))
-        text += f"\nddfm-fast bench: the GPU tests ran past {timeout_s:g} s and were stopped"
+        text = (text or "") + f"\nddfm-fast bench: the GPU tests ran past {timeout_s:g} s and were stopped"
     tail = text.strip().splitlines()[-25:]
     for line in tail:
         log(line)
@@ -123,9 +127,9 @@ def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optio
     env = benchmarks.environment()
     log(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, python {env['python']}")
     started = time.perf_counter()
-    tests = {"ran": False, "reason": "not the gpu suite" if suite != "gpu" else "--no-tests"}
-    if suite == "gpu" and not no_tests:
-        tests = _run_gpu_tests(log, tests_timeout_s)
+    run_tests = suite == "gpu" and not no_tests
+    tests: dict = {"ran": False, "reason": ("running" if run_tests else
+                                            "not the gpu suite" if suite != "gpu" else "--no-tests")}
     plan = benchmarks.plan_for(suite, upstream=upstream is not None)
     if budget_s is not None:
         plan = dataclasses.replace(plan, budget_s=budget_s)
@@ -144,7 +148,10 @@ def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optio
         benchmarks.write_report(out, payload)
         return payload
 
-    save([], False)
+    save([], False)  # a report exists from the start, whatever stops the run
+    if run_tests:
+        tests = _run_gpu_tests(log, tests_timeout_s)
+        save([], False)
     # The budget counts from the command's start, tests included: the whole gpu suite aims at 8 minutes.
     results = benchmarks.run_plan(plan, dev, log=log, upstream=upstream, start=started,
                                   on_result=lambda so_far: save(so_far, False))
@@ -152,5 +159,7 @@ def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optio
     payload = save(results, True, **extra)
     click.echo(f"report: {out} ({payload['total_seconds']} s)", err=True)
     failed = [r for r in results if r.error and not r.error.startswith("skipped")]
-    if tests.get("exit_code") not in (None, 0) or (failed and suite != "gpu"):
+    for r in failed:
+        log(f"failed row: {r.row} {r.size} b{r.batch}: {r.error}")
+    if tests.get("exit_code") not in (None, 0) or failed:
         raise SystemExit(1)

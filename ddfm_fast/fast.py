@@ -17,6 +17,7 @@ CUDA graphs. A failed capture falls back to the compiled step and says so once.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -221,12 +222,20 @@ class StaticStepRunner:
 # Runners by handle: the custom op below receives an int (ops take tensors and scalars only) and finds the
 # workspace and the sampler's settings here.
 _RUNNERS: dict[int, "StaticStepRunner"] = {}
+_HANDLES = itertools.count()  # never reused: a handle baked into a compiled graph must not name another runner
 
 
 def _register(runner: "StaticStepRunner") -> int:
-    handle = len(_RUNNERS)
+    handle = next(_HANDLES)
     _RUNNERS[handle] = runner
     return handle
+
+
+def _release(runner: StaticStepRunner) -> None:
+    """Drop a runner's registration, graph and compiled step, so its buffers and graph pool can be freed."""
+    _RUNNERS.pop(runner.handle, None)
+    runner._graph = None
+    runner._fn = runner._step
 
 
 @torch.library.custom_op(
@@ -258,26 +267,45 @@ def _(x_t, eps, coef, I, V, x_next, x0, C, D, F1, F2, H, tau_a, tau_b, handle) -
 class FastDDFMSampler(DDFMSampler):
     """:class:`~ddfm_fast.sampler.DDFMSampler` with the accelerations of :class:`FastOptions`.
 
-    Same arguments as the faithful sampler plus ``options``. One static runner (buffers, compiled step,
-    captured graph) is kept per (batch, H, W, device); later calls of the same shape reuse it.
+    Same arguments as the faithful sampler plus ``options`` and ``max_runners``. One static runner (buffers,
+    compiled step, captured graph) is kept per (model, batch, H, W, device); later calls of the same shape reuse
+    it. At most ``max_runners`` are kept: a folder of many image sizes would otherwise hold one set of buffers and
+    one graph memory pool per size on the GPU; the least recently used is released first.
     In a ``callback`` the step's input is not available (it was overwritten in place): ``x_t`` and ``x_prev``
     are both the step's output.
     """
 
-    def __init__(self, *args, options: Optional[FastOptions] = None, **kwargs) -> None:
+    def __init__(self, *args, options: Optional[FastOptions] = None, max_runners: int = 4, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if max_runners < 1:
+            raise ValueError(f"max_runners must be >= 1, got {max_runners}")
         self.options = options or FastOptions()
-        self._runners: dict[tuple, StaticStepRunner] = {}
+        self.max_runners = max_runners
+        self._runners: dict[tuple, StaticStepRunner] = {}  # in least-recently-used order
         self._prepared: set[int] = set()
+
+    def close(self) -> None:
+        """Release every runner (static buffers, compiled step, CUDA graph and its memory pool).
+
+        Runners are also registered globally for the Triton custom op, so they outlive the sampler unless closed;
+        call this when a sampler is done with (the benchmarks do, row by row).
+        """
+        for runner in self._runners.values():
+            _release(runner)
+        self._runners.clear()
 
     def runner(self, model: nn.Module, x_start: torch.Tensor) -> StaticStepRunner:
         key = (id(model), *x_start.shape, x_start.device)
-        if key not in self._runners:
-            if id(model) not in self._prepared:
-                prepare_model(model, self.options)
-                self._prepared.add(id(model))
-            b, _, h, w = x_start.shape
-            self._runners[key] = StaticStepRunner(self, model, b, h, w, x_start.device)
+        if key in self._runners:
+            self._runners[key] = self._runners.pop(key)  # most recently used last
+            return self._runners[key]
+        while len(self._runners) >= self.max_runners:
+            _release(self._runners.pop(next(iter(self._runners))))
+        if id(model) not in self._prepared:
+            prepare_model(model, self.options)
+            self._prepared.add(id(model))
+        b, _, h, w = x_start.shape
+        self._runners[key] = StaticStepRunner(self, model, b, h, w, x_start.device)
         return self._runners[key]
 
     @torch.no_grad()

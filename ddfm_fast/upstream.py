@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.machinery
 import io
 import sys
 import time
@@ -228,9 +229,17 @@ def official_modules(root: Path) -> Iterator[tuple[types.ModuleType, types.Modul
     sys.path.insert(0, str(root))
     try:
         for name in OPTIONAL_IMPORTS:
+            had = set(sys.modules)
             try:
                 importlib.import_module(name)
-            except ImportError:
+            except Exception as exc:  # noqa: BLE001 - not installed, or installed but broken (e.g. a numpy ABI clash)
+                top = name.split(".")[0]
+                for added in set(sys.modules) - had:  # drop what the failed import left half-initialised
+                    if added.split(".")[0] == top:
+                        del sys.modules[added]
+                if not isinstance(exc, ImportError):
+                    notes.append(f"{name} is installed but failed to import ({type(exc).__name__}: "
+                                 f"{str(exc)[:120]}); using a stand-in")
                 stand_in = _stand_in(name)
                 sys.modules[name] = stand_in
                 parent, _, child = name.rpartition(".")
@@ -239,12 +248,23 @@ def official_modules(root: Path) -> Iterator[tuple[types.ModuleType, types.Modul
                 notes.append(f"{name} not installed: ddfm-fast's rgb2ycbcr/ycbcr2rgb (scikit-image's formulas) "
                              "stood in" if name == "skimage.color" else
                              f"{name} not installed: a stand-in was imported in its place (used only by record=True)")
+        util_dir = root / "util"
+        if not (util_dir / "__init__.py").is_file():
+            # The clone's util/ is a namespace package, and any regular package named util elsewhere on sys.path
+            # would win over it even with the clone first; pin the name to the clone's folder.
+            util = types.ModuleType("util")
+            util.__path__ = [str(util_dir)]
+            util.__spec__ = importlib.machinery.ModuleSpec("util", None, is_package=True)
+            util.__spec__.submodule_search_locations = [str(util_dir)]
+            sys.modules["util"] = util
         try:
             unet_mod = importlib.import_module("guided_diffusion.unet")
             diffusion_mod = importlib.import_module("guided_diffusion.gaussian_diffusion")
         except Exception as exc:  # noqa: BLE001 - any import failure of the user's clone is reported with its path
             raise UpstreamError(f"{root}: importing the official code failed: {type(exc).__name__}: {exc}") from exc
-        for mod in (unet_mod, diffusion_mod):
+        for mod in (unet_mod, diffusion_mod, sys.modules.get("util.pytorch_colors")):
+            if mod is None:
+                raise UpstreamError(f"{root}: the official sampler did not import util.pytorch_colors")
             origin = Path(getattr(mod, "__file__", "") or "").resolve()
             if root not in origin.parents:
                 raise UpstreamError(f"{root}: {mod.__name__} was imported from {origin}, not from the clone")
@@ -333,9 +353,11 @@ def run_official(root: Path, config: UNetConfig, state_dict: Mapping[str, torch.
 
     ``x_start`` (1, 3, H, W), ``I`` and ``V`` (1, 1, H, W) in [-1, 1] on the device to run on; the official
     ``lamb=0.5, rho=0.001``, ``record=False``. With ``warmup``, a 2-step run goes first and is timed apart.
-    Importing the clone and building its model are not timed.
+    Importing the clone and building its model are not timed. Peak memory is the official run's own (its model
+    and activations over the timed run), not what the caller already holds on the device.
     """
     device = x_start.device
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     with OfficialSampler(root, config, state_dict, device) as official:
         warm = 0.0
         if warmup:
@@ -349,5 +371,5 @@ def run_official(root: Path, config: UNetConfig, state_dict: Mapping[str, torch.
         out = official.sample(x_start, I, V, steps)
         _sync(device)
         seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if device.type == "cuda" else None
     return UpstreamRun(sample=out, seconds=seconds, warmup_seconds=warm, peak_mem_gib=peak, notes=official.notes)

@@ -47,6 +47,32 @@ def test_static_buffers_and_device_step_counter_equal_the_eager_loop(tiny, input
     assert len(sampler._runners) == 1
 
 
+def test_runners_are_bounded_and_released(tiny, inputs):
+    """One runner per shape, at most max_runners (least recently used released first); close() frees them all,
+    including their registration for the Triton custom op."""
+    from ddfm_fast import fast
+
+    sampler = FastDDFMSampler(2, backend="torch", max_runners=2)
+    x, I, V = inputs  # noqa: E741
+    crops = [(slice(None), slice(None), slice(0, h), slice(0, w)) for h, w in ((32, 32), (32, 48), (48, 32))]
+    first = sampler.sample(tiny, x[crops[0]], I[crops[0]], V[crops[0]]).sample
+    sampler.sample(tiny, x[crops[1]], I[crops[1]], V[crops[1]])
+    sampler.sample(tiny, x[crops[0]], I[crops[0]], V[crops[0]])  # (32, 32) is now the most recently used
+    kept = dict(sampler._runners)
+    sampler.sample(tiny, x[crops[2]], I[crops[2]], V[crops[2]])  # evicts (32, 48)
+    assert [k[-3:-1] for k in sampler._runners] == [(32, 32), (48, 32)]
+    evicted = [r for k, r in kept.items() if k[-3:-1] == (32, 48)][0]
+    assert evicted.handle not in fast._RUNNERS
+    assert all(r.handle in fast._RUNNERS for r in sampler._runners.values())
+    again = sampler.sample(tiny, x[crops[0]], I[crops[0]], V[crops[0]]).sample
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    handles = [r.handle for r in sampler._runners.values()]
+    sampler.close()
+    assert not sampler._runners and not any(h in fast._RUNNERS for h in handles)
+    with pytest.raises(ValueError, match="max_runners"):
+        FastDDFMSampler(2, max_runners=0)
+
+
 @pytest.mark.parametrize("tau_reduce", ["batch", "image"])
 def test_whole_step_compiles_with_fullgraph(tiny, inputs, reference10, tau_reduce):
     """Dynamo traces the whole step (UNet + EM + colour + DDIM) with fullgraph=True: any graph break fails.

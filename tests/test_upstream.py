@@ -71,17 +71,28 @@ def test_official_sampler_reproduces_the_golden_run(official_clone, tiny, sample
     assert run.seconds > 0 and any(str(official_clone) in n for n in run.notes)
 
 
-def test_official_modules_are_isolated(official_clone, tiny, monkeypatch):
+def test_official_modules_are_isolated(official_clone, tiny, monkeypatch, tmp_path):
     """The clone's generic package names do not leak; a module of the same name imported before comes back;
-    with scikit-image hidden, the colour stand-in is used and reported, and the hiding is restored."""
+    a regular package named util elsewhere on sys.path does not shadow the clone's (namespace) util; with
+    scikit-image hidden, the colour stand-in is used and reported, and the hiding is restored; an installed but
+    broken optional library gets a stand-in too."""
     sentinel = type(sys)("util")
     monkeypatch.setitem(sys.modules, "util", sentinel)
+    decoys = tmp_path / "decoys"
+    (decoys / "util").mkdir(parents=True)
+    (decoys / "util" / "__init__.py").write_text("")
+    (decoys / "util" / "pytorch_colors.py").write_text("raise RuntimeError('the decoy util was imported')\n")
+    (decoys / "cv2.py").write_text("raise ValueError('numpy.dtype size changed (a broken install)')\n")
+    monkeypatch.syspath_prepend(str(decoys))
+    monkeypatch.delitem(sys.modules, "cv2", raising=False)
     for name in ("skimage", "skimage.color", "skimage.io"):
         monkeypatch.setitem(sys.modules, name, None)  # `import skimage` now raises ImportError
     x = torch.randn(1, 3, 16, 24, generator=torch.Generator().manual_seed(0))
     I, V = x[:, :1].clamp(-1, 1), x[:, 1:2].clamp(-1, 1)  # noqa: E741
     run = upstream.run_official(official_clone, tiny.config, tiny.state_dict(), x, I, V, 3, warmup=False)
     assert any("skimage.color not installed" in n for n in run.notes), run.notes
+    assert any("cv2 is installed but failed to import (ValueError" in n for n in run.notes), run.notes
+    assert "cv2" not in sys.modules
     ours = DDFMSampler(3).sample(tiny, x, I, V).sample
     torch.testing.assert_close(ours, run.sample, rtol=0, atol=ATOL)
     assert sys.modules["util"] is sentinel and sys.modules["skimage"] is None
@@ -153,3 +164,20 @@ def test_bench_quick_with_upstream(official_clone, tmp_path):
         assert r["error"] is None
         expected = official["per_image_s"] / r["per_image_s"]
         assert r["speedup_vs_upstream"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_speed_ups_only_at_the_official_size(official_clone):
+    """The official code is timed at one size; rows at other sizes get no speed-up (it would compare sizes)."""
+    import dataclasses
+
+    from ddfm_fast import benchmarks
+
+    quick = benchmarks.plan_for("quick", upstream=True)
+    plan = dataclasses.replace(quick, waterfall_size=(16, 16), fast_sizes=((16, 24),), rows=quick.rows[:1],
+                               variants=())
+    results = benchmarks.run_plan(plan, torch.device("cpu"), log=lambda _: None, upstream=official_clone)
+    assert [(r.row, r.size) for r in results] == [("fp32 eager (reference)", "16x16"),
+                                                  (benchmarks.UPSTREAM_ROW, "16x16"), ("fp32 eager", "16x16"),
+                                                  ("fp32 eager", "16x24")]
+    assert all(r.error is None for r in results)
+    assert [r.speedup_vs_upstream is not None for r in results] == [True, True, True, False]
