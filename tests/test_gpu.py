@@ -7,6 +7,8 @@ the same order as two CPUs do (see test_em.py / test_sampler.py), so the CPU bou
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 import numpy as np
@@ -73,8 +75,9 @@ def test_graphs_replay_the_compiled_step_exactly(reference_dir, inputs):
         torch._dynamo.reset()
         model = ddfm_fast.load_model(reference_dir / "tiny_unet.pt", config=reference_dir / "tiny_unet_config.json",
                                      device=CUDA)
-        opts = FastOptions(dtype=torch.float16, compile=True, compile_mode="max-autotune-no-cudagraphs",
-                           cuda_graphs=graphs)
+        # Inductor's default mode: max-autotune's kernel search would take minutes of the suite's time limit and
+        # is not what this test is about (the bench command measures it as a variant).
+        opts = FastOptions(dtype=torch.float16, compile=True, compile_mode="default", cuda_graphs=graphs)
         sampler = FastDDFMSampler(10, backend="auto", options=opts)
         out = sampler.sample(model, *inputs).sample
         runner = next(iter(sampler._runners.values()))
@@ -85,13 +88,15 @@ def test_graphs_replay_the_compiled_step_exactly(reference_dir, inputs):
 
 
 def test_fast_path_stays_close_to_fp32(reference_dir, tiny, inputs):
-    """fp16 + compile + Triton tail + graphs against the fp32 eager path, on the 8-bit output.
+    """fp16 + compile + Triton tail + graphs (the --fast preset, default compile mode) against the fp32 eager
+    path, on the 8-bit output.
 
     The tiny model's random weights make it far more sensitive than a trained one (CPU fp16: 60 dB)."""
     ref = DDFMSampler(10, backend="torch").sample(tiny, *inputs).sample
     model = ddfm_fast.load_model(reference_dir / "tiny_unet.pt", config=reference_dir / "tiny_unet_config.json",
                                  device=CUDA)
-    out = FastDDFMSampler(10, options=FastOptions.preset("fast")).sample(model, *inputs).sample
+    fast = dataclasses.replace(FastOptions.preset("fast"), compile_mode="default")  # see the test above
+    out = FastDDFMSampler(10, options=fast).sample(model, *inputs).sample
     assert psnr_8bit(out, ref) >= 40.0
 
 
