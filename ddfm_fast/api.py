@@ -19,16 +19,12 @@ from torch import nn
 
 from ddfm_fast import io
 from ddfm_fast.checkpoint import load_model
-from ddfm_fast.em import TVProx
+from ddfm_fast.config import AccelConfig, SamplerConfig
 from ddfm_fast.em_only import fuse_em_only, postprocess_em_only
-from ddfm_fast.fast import FastDDFMSampler, FastOptions
+from ddfm_fast.plan import ExecutionPlan, check_device
 from ddfm_fast.sampler import DDFMSampler, StepOutput
-from ddfm_fast.schedule import Respacing
 
 ModelSpec = Union[nn.Module, str, Path, None]
-
-# The official driver crops to multiples of 32 (ADM256 downsamples 5 times); every model we load divides it.
-SIZE_MULTIPLE = 32
 
 
 class NoDefaultModelError(RuntimeError):
@@ -50,6 +46,7 @@ class FusionResult:
     fused: np.ndarray
     luma: np.ndarray
     sample: torch.Tensor
+    plan: Optional[ExecutionPlan] = None  # how the step ran (None for EM-only fusion, which has no UNet step)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -107,18 +104,34 @@ def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
 
 
-def _prepare_pair(ir: io.ImageInput, vis: io.ImageInput, size_policy: io.SizePolicy, multiple: int):
+@dataclass
+class PreparedPair:
+    """One pair read, validated and brought to the model's size: the sampler's inputs and the output size."""
+
+    anchor: torch.Tensor  # I: (1, 1, h, w) in [-1, 1], the visible / MRI image
+    partner: torch.Tensor  # V: (1, 1, h, w) in [-1, 1], the infrared / functional image
+    out_hw: tuple[int, int]
+
+
+def prepare_pair(ir: io.ImageInput, vis: io.ImageInput, size_policy: io.SizePolicy) -> PreparedPair:
+    """Read both images as the official driver does, check their sizes agree, apply the size policy."""
     ir_gray = io.read_gray(ir, name="ir")
     vis_gray = io.read_gray(vis, name="vis")
+    return prepare_arrays(ir_gray, vis_gray, size_policy, ir_name=_describe(ir), vis_name=_describe(vis))
+
+
+def prepare_arrays(ir_gray: np.ndarray, vis_gray: np.ndarray, size_policy: io.SizePolicy, *,
+                   ir_name: str = "ir", vis_name: str = "vis") -> PreparedPair:
+    """:func:`prepare_pair` for gray arrays in [0, 1] that were already read."""
     if ir_gray.shape != vis_gray.shape:
         raise ValueError(
-            f"the two images differ in size: ir {_describe(ir)} is {ir_gray.shape[1]}x{ir_gray.shape[0]}, "
-            f"vis {_describe(vis)} is {vis_gray.shape[1]}x{vis_gray.shape[0]} (width x height)"
+            f"the two images differ in size: ir {ir_name} is {ir_gray.shape[1]}x{ir_gray.shape[0]}, "
+            f"vis {vis_name} is {vis_gray.shape[1]}x{vis_gray.shape[0]} (width x height)"
         )
-    anchor = io.apply_size_policy(io.to_model_range(vis_gray), size_policy, multiple)
-    partner = io.apply_size_policy(io.to_model_range(ir_gray), size_policy, multiple)
-    out_hw = ir_gray.shape if size_policy == "pad" else tuple(anchor.shape[-2:])
-    return anchor, partner, out_hw
+    _, out_hw = io.model_size(ir_gray.shape, size_policy)
+    anchor = io.apply_size_policy(io.to_model_range(vis_gray), size_policy)
+    partner = io.apply_size_policy(io.to_model_range(ir_gray), size_policy)
+    return PreparedPair(anchor, partner, out_hw)
 
 
 def _describe(src: Any) -> str:
@@ -135,7 +148,7 @@ def postprocess_luma(F: torch.Tensor, out_hw: tuple[int, int]) -> FusionResult:
     return FusionResult(fused=fused, luma=luma, sample=sample)
 
 
-def postprocess(sample: torch.Tensor, out_hw: tuple[int, int]) -> FusionResult:
+def postprocess(sample: torch.Tensor, out_hw: tuple[int, int], plan: Optional[ExecutionPlan] = None) -> FusionResult:
     """The official post-processing of one (3, H, W) sample, after cropping any padding away.
 
     Cropping before the min-max stretch keeps the padding from shifting the output's range.
@@ -144,7 +157,26 @@ def postprocess(sample: torch.Tensor, out_hw: tuple[int, int]) -> FusionResult:
     sample = sample[..., :h, :w].detach().float().cpu().contiguous()
     luma = io.sample_luma(sample)
     fused = io.to_uint8_official(io.minmax_0_255(luma))
-    return FusionResult(fused=fused, luma=luma, sample=sample.reshape(3, h, w))
+    return FusionResult(fused=fused, luma=luma, sample=sample.reshape(3, h, w), plan=plan)
+
+
+def _sampler_for(config: SamplerConfig, accel: AccelConfig) -> DDFMSampler:
+    """A sampler per (config, accel); accelerated ones are kept (bounded) so compiled steps and graphs are reused
+    across ``fuse()`` calls with the same settings."""
+    if accel == AccelConfig():
+        return DDFMSampler(config, accel)
+    key = (config, accel)
+    if key in _SAMPLERS:
+        _SAMPLERS[key] = _SAMPLERS.pop(key)
+        return _SAMPLERS[key]
+    while len(_SAMPLERS) >= _MAX_SAMPLERS:
+        _SAMPLERS.pop(next(iter(_SAMPLERS))).close()
+    _SAMPLERS[key] = DDFMSampler(config, accel)
+    return _SAMPLERS[key]
+
+
+_SAMPLERS: dict[tuple[SamplerConfig, AccelConfig], DDFMSampler] = {}
+_MAX_SAMPLERS = 4
 
 
 @torch.no_grad()
@@ -154,96 +186,73 @@ def fuse(
     *,
     model: ModelSpec = None,
     model_config: Any = None,
-    steps: Optional[Respacing] = None,
-    seed: int = 3407,
-    lamb: float = 0.5,
-    rho: float = 0.001,
-    size_policy: io.SizePolicy = "pad",
-    backend: str = "auto",
+    config: Optional[SamplerConfig] = None,
+    accel: Union[AccelConfig, str, None] = None,
     device: Union[str, torch.device, None] = None,
     callback: Optional[Callable[[StepOutput], None]] = None,
-    tv_prox: TVProx = "shrink",
-    tv_threshold: Optional[float] = None,
-    fast: Union[FastOptions, str, None] = None,
-    prior: str = "diffusion",
+    **options: Any,
 ) -> Union[FusionResult, list[FusionResult]]:
     """Fuse an infrared (or functional) image with a visible (or MRI) image by DDFM.
 
     Args:
-        ir, vis: paths, PIL images or arrays; or two equal-length lists of them (fused as one batch when all
-            pairs share a size, with one EM tau per image so that they do not influence each other).
-        model: a loaded UNet, a checkpoint path or a preset name.
+        ir, vis: paths, PIL images or arrays; or two equal-length lists of them (fused as one batch per image
+            size, with one EM tau per image so that they do not influence each other).
+        model: a loaded UNet, a checkpoint path or a preset name; None is the small prior shipped in the package.
         model_config: the model's ``create_model`` arguments (dict or JSON/YAML path) when the checkpoint lacks them.
-        steps: the DDIM respacing; ``None`` means the model's own default (100 for the paper's model).
-        seed: the seed of each image's initial noise (3407 in the official driver).
-        lamb, rho: the EM step's TV weight and ADMM penalty.
-        size_policy: ``"pad"`` (reflect-pad to /32, crop back: no pixel lost) or ``"crop"`` (official top-left
-            crop to /32; with seed 3407 it reproduces the official driver).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the step tail.
+        config: what to compute (:class:`~ddfm_fast.config.SamplerConfig`; default ``SamplerConfig()``:
+            the model's default steps, seed 3407, the official lambda and rho, pad to /32).
+        accel: how to run it (:class:`~ddfm_fast.config.AccelConfig`, or the presets ``"faithful"`` / ``"fast"``);
+            None is the faithful fp32 path. The caller's model is never modified.
         device: where to run; default CUDA when available, else CPU.
         callback: called after every step with a :class:`~ddfm_fast.sampler.StepOutput`.
-        tv_prox, tv_threshold: the EM step's F update, ``"shrink"`` (official) or ``"soft"`` with its threshold
-            (see :func:`ddfm_fast.em.em_step`).
-        fast: accelerations (:class:`~ddfm_fast.fast.FastOptions`, or the presets ``"faithful"`` / ``"fast"``);
-            ``None`` runs the faithful fp32 sampler. The model is cast to ``fast.dtype`` in place.
-        prior: ``"diffusion"`` (DDFM) or ``"none"``: the paper's ablation I, EM iterations only from
-            ``(I + V) / 2`` (``steps`` iterations, default 100; no model, so ``model`` must be None).
+        **options: fields of :class:`SamplerConfig` that override ``config`` (``steps=20``, ``seed=0``,
+            ``prior="none"``, ``tv_prox="soft", tv_threshold=0.05``, ...).
 
     Returns:
         A :class:`FusionResult`, or a list of them when lists were given.
     """
+    cfg = (config or SamplerConfig()).replace(**options) if options else (config or SamplerConfig())
+    accel_cfg = AccelConfig.preset(accel)
     many = isinstance(ir, (list, tuple))
     if many != isinstance(vis, (list, tuple)) or (many and len(ir) != len(vis)):
         raise ValueError("ir and vis must both be single images or two lists of the same length")
     irs, viss = (list(ir), list(vis)) if many else ([ir], [vis])
     if not irs:
         raise ValueError("no image pairs given")
-    if prior not in ("diffusion", "none"):
-        raise ValueError(f"prior must be 'diffusion' or 'none', got {prior!r}")
-    if prior == "none" and model is not None:
+    if cfg.prior == "none" and model is not None:
         raise ValueError("prior='none' is EM only (ablation I) and uses no model; do not pass a model/checkpoint")
-    dev = torch.device(device) if device is not None else default_device()
-    pairs = [_prepare_pair(a, b, size_policy, SIZE_MULTIPLE) for a, b in zip(irs, viss)]
+    dev = check_device(device) if device is not None else default_device()
+    pairs = [prepare_pair(a, b, cfg.size_policy) for a, b in zip(irs, viss)]
+    net = None if cfg.prior == "none" else resolve_model(model, model_config=model_config, device=dev)
+    results = fuse_prepared(pairs, cfg, accel_cfg, net, dev, callback=callback)
+    return results if many else results[0]
+
+
+def fuse_prepared(pairs: Sequence[PreparedPair], config: SamplerConfig, accel: AccelConfig,
+                  model: Optional[nn.Module], device: torch.device, *,
+                  callback: Optional[Callable[[StepOutput], None]] = None) -> list[FusionResult]:
+    """Fuse already read and validated pairs, one batch per model size (the layer the folder runner calls).
+
+    ``model`` is None for ``config.prior == "none"``. Raises :class:`~ddfm_fast.sampler.NonFiniteError` (or the
+    EM-only equivalent) when a batch went non-finite.
+    """
     results: list[Optional[FusionResult]] = [None] * len(pairs)
-    # Group same-size pairs into one batch each.
     groups: dict[tuple[int, int], list[int]] = {}
-    for k, (anchor, _, _) in enumerate(pairs):
-        groups.setdefault(tuple(anchor.shape[-2:]), []).append(k)
-
-    if prior == "none":
-        n_iter = int(steps) if steps is not None else 100
-        for members in groups.values():
-            I = torch.cat([pairs[k][0] for k in members]).to(dev)  # noqa: E741
-            V = torch.cat([pairs[k][1] for k in members]).to(dev)
-            F = fuse_em_only(I, V, steps=n_iter, lamb=lamb, rho=rho, tau_reduce="image")
-            for b, k in enumerate(members):
-                results[k] = postprocess_luma(F[b, 0], pairs[k][2])
-        return results if many else results[0]  # type: ignore[return-value]
-
-    net = resolve_model(model, model_config=model_config, device=dev)
-    n_steps = steps if steps is not None else int(getattr(net, "default_steps", 100))
-    options = FastOptions.preset(fast) if isinstance(fast, str) else fast
+    for k, pair in enumerate(pairs):
+        groups.setdefault(tuple(pair.anchor.shape[-2:]), []).append(k)
+    cfg = config.for_model(getattr(model, "default_steps", None))
     for hw, members in groups.items():
-        tau_reduce = "batch" if len(members) == 1 else "image"
-        sampler = _sampler(n_steps, lamb=lamb, rho=rho, backend=backend, tau_reduce=tau_reduce,
-                           tv_prox=tv_prox, tv_threshold=tv_threshold, options=options)
-        I = torch.cat([pairs[k][0] for k in members]).to(dev)  # noqa: E741
-        V = torch.cat([pairs[k][1] for k in members]).to(dev)
-        x_start = torch.cat([initial_noise((1, 3, *hw), seed) for _ in members]).to(dev)
-        out = sampler.sample(net, x_start, I, V, callback=callback).sample
+        I = torch.cat([pairs[k].anchor for k in members]).to(device)  # noqa: E741
+        V = torch.cat([pairs[k].partner for k in members]).to(device)
+        if cfg.prior == "none":
+            F = fuse_em_only(I, V, cfg)
+            for b, k in enumerate(members):
+                results[k] = postprocess_luma(F[b, 0], pairs[k].out_hw)
+            continue
+        assert model is not None
+        sampler = _sampler_for(cfg, accel)
+        x_start = torch.cat([initial_noise((1, 3, *hw), cfg.seed) for _ in members]).to(device)
+        out = sampler.sample(model, x_start, I, V, callback=callback)
         for b, k in enumerate(members):
-            results[k] = postprocess(out[b], pairs[k][2])
-    return results if many else results[0]  # type: ignore[return-value]
-
-
-# Fast samplers keep compiled steps and captured graphs; reuse them across fuse() calls with the same settings.
-_FAST_SAMPLERS: dict[tuple, FastDDFMSampler] = {}
-
-
-def _sampler(steps: Respacing, *, options: Optional[FastOptions], **kwargs: Any) -> DDFMSampler:
-    if options is None:
-        return DDFMSampler(steps, **kwargs)
-    key = (str(steps), options, tuple(sorted(kwargs.items())))
-    if key not in _FAST_SAMPLERS:
-        _FAST_SAMPLERS[key] = FastDDFMSampler(steps, options=options, **kwargs)
-    return _FAST_SAMPLERS[key]
+            results[k] = postprocess(out.sample[b], pairs[k].out_hw, plan=out.plan)
+    return results  # type: ignore[return-value]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ddfm_fast import api, io
-from ddfm_fast.fast import DTYPES, FastOptions
+from ddfm_fast.config import DTYPE_NAMES, AccelConfig, SamplerConfig
 from ddfm_fast.sampler import StepOutput
 from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS, Respacing, space_timesteps
 
@@ -129,23 +129,23 @@ class RunSettings:
         """The output file suffix: ``.npy`` for raw npy output, else ``.png``."""
         return ".npy" if self.output == "npy" else ".png"
 
-    def fast_options(self) -> Optional[FastOptions]:
-        """The accelerations asked for, or None for the faithful sampler."""
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        options = FastOptions(dtype=DTYPES[self.dtype], channels_last=self.channels_last, compile=self.compile,
-                              compile_mode=self.compile_mode, cuda_graphs=self.cuda_graphs)
-        return None if options == FastOptions() else options
+    def fast_options(self) -> AccelConfig:
+        """The accelerations asked for."""
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        return AccelConfig(dtype=self.dtype, channels_last=self.channels_last, compile=self.compile,
+                           compile_mode=self.compile_mode, cuda_graphs=self.cuda_graphs, backend=self.backend)
+
+    def sampler_config(self) -> SamplerConfig:
+        return SamplerConfig(prior=self.prior, steps=self.steps, seed=self.seed, lamb=self.lamb, rho=self.rho,
+                             tv_prox=self.tv_prox, tv_threshold=self.tv_threshold, size_policy=self.size_policy)
 
     def fuse_kwargs(self) -> dict[str, Any]:
-        return dict(steps=self.steps, seed=self.seed, lamb=self.lamb, rho=self.rho,
-                    size_policy=self.size_policy, backend=self.backend, prior=self.prior,
-                    tv_prox=self.tv_prox, tv_threshold=self.tv_threshold, fast=self.fast_options())
+        return dict(config=self.sampler_config(), accel=self.fast_options())
 
     def num_steps(self, model: nn.Module) -> int:
         """How many steps a run makes with ``model`` (``steps=None`` means the model's default)."""
-        steps = self.steps if self.steps is not None else int(getattr(model, "default_steps", 100))
-        return len(space_timesteps(NUM_TRAIN_TIMESTEPS, steps))
+        return self.sampler_config().for_model(getattr(model, "default_steps", None)).num_steps()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -245,7 +245,7 @@ def _size(a: np.ndarray) -> str:
     return f"{a.shape[1]}x{a.shape[0]}"
 
 
-def output_size(hw: tuple[int, int], size_policy: io.SizePolicy, multiple: int = api.SIZE_MULTIPLE) -> tuple[int, int]:
+def output_size(hw: tuple[int, int], size_policy: io.SizePolicy, multiple: int = io.SIZE_MULTIPLE) -> tuple[int, int]:
     """(H, W) of the output for an input of ``hw``: unchanged for ``pad``, floored to ``multiple`` for ``crop``."""
     h, w = hw
     if size_policy == "crop":
@@ -283,7 +283,7 @@ def prepare(pair: Pair, settings: RunSettings) -> Prepared:
             if color is not None and r.color_side == "ir":
                 color = io.resize_rgb8(color, vis.shape)
     h, w = ir.shape
-    m = api.SIZE_MULTIPLE
+    m = io.SIZE_MULTIPLE
     if settings.size_policy == "crop" and (h < m or w < m):
         raise PairError(f"{pair.ir}, {pair.vis}: {w}x{h} is smaller than {m} px on a side; use size policy 'pad'")
     out_hw = output_size((h, w), settings.size_policy)

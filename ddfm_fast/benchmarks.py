@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ddfm_fast.api import postprocess
-from ddfm_fast.fast import FastDDFMSampler, FastOptions
+from ddfm_fast.config import AccelConfig, SamplerConfig
+from ddfm_fast.sampler import DDFMSampler
 from ddfm_fast.unet import ADM256_UNCOND_CONFIG, UNetConfig, UNetModel
 
 
@@ -41,7 +42,7 @@ class Row:
     """One waterfall configuration."""
 
     name: str
-    options: FastOptions
+    options: AccelConfig
     backend: str = "torch"
     math_attention: bool = False  # force SDPA's math kernel: the T x T matrix is materialised, as officially
 
@@ -49,11 +50,11 @@ class Row:
 # The chain compiles in inductor's default mode: every compile row recompiles the paper-size UNet, and
 # max-autotune's kernel search (minutes per compile, not measured yet on the target GPUs) would put the suite's
 # 8-minute limit at risk. max-autotune is a variant, measured when the budget allows.
-_FP16_COMPILED = FastOptions(dtype=torch.float16, compile=True, compile_mode="default")
+_FP16_COMPILED = AccelConfig(dtype="fp16", compile=True, compile_mode="default")
 WATERFALL = (
-    Row("fp32 eager, materialised attention", FastOptions(), math_attention=True),
-    Row("fp16", FastOptions(dtype=torch.float16), math_attention=True),
-    Row("+ SDPA", FastOptions(dtype=torch.float16)),
+    Row("fp32 eager, materialised attention", AccelConfig(), math_attention=True),
+    Row("fp16", AccelConfig(dtype="fp16"), math_attention=True),
+    Row("+ SDPA", AccelConfig(dtype="fp16")),
     Row("+ compile", _FP16_COMPILED),
     Row("+ Triton tail", _FP16_COMPILED, backend="triton"),
     Row("+ CUDA graphs", dataclasses.replace(_FP16_COMPILED, cuda_graphs=True), backend="triton"),
@@ -165,18 +166,18 @@ def run_row(row: Row, model_fp32: nn.Module, size: tuple[int, int], batch: int, 
         torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device) if cuda else 0
     # prepare_model casts and re-lays out in place: rows that change the model get their own copy.
-    changes_model = row.options.dtype != torch.float32 or row.options.channels_last
+    changes_model = row.options.dtype != "fp32" or bool(row.options.channels_last)
     fresh = changes_model and model_factory is not None
     model = model_factory() if fresh else model_fp32
     shared_bytes = 0 if fresh else _module_bytes(model)  # allocated before the row, but the row uses it
     n = timed_steps or steps
-    sampler = FastDDFMSampler(n, backend=row.backend, tau_reduce="image", options=row.options)
+    sampler = DDFMSampler(SamplerConfig(steps=n, tau_reduce="image"), row.options.replace(backend=row.backend))
     result = Result(row.name, f"{h}x{w}", batch, steps, None, None, None, None, None, None, n != steps)
     try:
         with _attention(row.math_attention), torch.no_grad():
             step_times: list[float] = []
             t0 = time.perf_counter()
-            sampler.sample(model, x, I, V)  # warm-up: compile / capture
+            warm_result = sampler.sample(model, x, I, V)  # warm-up: compile / capture
             _sync(device)
             warm = time.perf_counter() - t0
             if cuda:
@@ -200,12 +201,12 @@ def run_row(row: Row, model_fp32: nn.Module, size: tuple[int, int], batch: int, 
             out = sampler.sample(model, x, I, V).sample
             _sync(device)
             total = min(total, time.perf_counter() - t0)
-        runner = next(iter(sampler._runners.values()))
         result.step_s = float(np.median(step_times))
-        result.compile_s = max(0.0, warm - total)
+        result.compile_s = warm_result.compile_seconds if warm_result.compile_seconds is not None \
+            else max(0.0, warm - total)
         result.per_image_s = (steps * result.step_s if n != steps else total) / batch
         result.images_per_s = 1.0 / result.per_image_s
-        result.notes += runner.notes + [f"backend: {runner.backend.describe()}"]
+        result.notes += warm_result.plan.fallbacks + [f"plan: {warm_result.plan.describe()}"]
         if cuda:
             result.peak_mem_gib = (torch.cuda.max_memory_allocated(device) - before + shared_bytes) / 2**30
         if reference is not None and n == steps:
@@ -246,7 +247,7 @@ class Plan:
 GPU_VARIANTS = (
     Row("+ CUDA graphs, channels_last", dataclasses.replace(WATERFALL[-1].options, channels_last=True),
         backend="triton"),
-    Row("+ CUDA graphs, max-autotune (--fast)", FastOptions.preset("fast"), backend="triton"),
+    Row("+ CUDA graphs, max-autotune (--fast)", AccelConfig(dtype="fp16", compile=True, compile_mode="max-autotune", cuda_graphs=True), backend="triton"),
 )
 
 
@@ -269,11 +270,11 @@ def _small_config() -> UNetConfig:
 
 
 CPU_ROWS = (
-    Row("fp32 eager", FastOptions()),
-    Row("bf16", FastOptions(dtype=torch.bfloat16)),
-    Row("fp32 + compile", FastOptions(compile=True)),
+    Row("fp32 eager", AccelConfig()),
+    Row("bf16", AccelConfig(dtype="bf16")),
+    Row("fp32 + compile", AccelConfig(compile=True)),
 )
-CPU_VARIANTS = (Row("fp32 eager, channels_last", FastOptions(channels_last=True)),)
+CPU_VARIANTS = (Row("fp32 eager, channels_last", AccelConfig(channels_last=True)),)
 
 
 def plan_for(suite: str, *, upstream: bool = False) -> Plan:
@@ -287,7 +288,7 @@ def plan_for(suite: str, *, upstream: bool = False) -> Plan:
         return Plan(config, 10, (256, 256), ((480, 640),), (1,), 10, 240.0, rows=CPU_ROWS, variants=CPU_VARIANTS)
     if suite == "quick":
         quick_rows = (CPU_ROWS[0], CPU_ROWS[1],
-                      Row("fp32 + compile (dynamo only)", FastOptions(compile=True, compile_backend="eager")))
+                      Row("fp32 + compile (dynamo only)", AccelConfig(compile=True, compile_backend="eager")))
         return Plan(config, 2, (32, 32), (), (1,), 2, 60.0, rows=quick_rows, variants=CPU_VARIANTS)
     raise ValueError(f"unknown suite {suite!r}; choose gpu, cpu or quick")
 
@@ -358,7 +359,7 @@ def run_plan(plan: Plan, device: torch.device, log=print, *, upstream: Optional[
         return True
 
     # The fp32 reference for PSNR: fp32 with SDPA (same arithmetic as the first row, without the T x T matrix).
-    reference_row = Row("fp32 eager (reference)", FastOptions())
+    reference_row = Row("fp32 eager (reference)", AccelConfig())
     ref, reference = run_row(reference_row, base, plan.waterfall_size, 1, plan.steps, device, reference=None)
     add(ref)
     if upstream is not None:

@@ -216,12 +216,10 @@ def _load_model(checkpoint: Optional[str], model_config: Optional[Path], device:
 def _backend_and_model(settings: batch.RunSettings, checkpoint: Optional[str], model_config: Optional[Path],
                        device: Any) -> tuple[Any, Any]:
     """The step backend that will run (an impossible explicit one is an error) and the model (None for EM only)."""
-    from ddfm_fast.dispatch import BackendError, resolve_backend
+    from ddfm_fast.plan import BackendError, plan
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # the summary records the reason instead
-            choice = resolve_backend(settings.backend, device)
+        choice = plan(device, settings.fast_options())
     except BackendError as exc:
         raise click.ClickException(str(exc)) from exc
     model = None if settings.prior == "none" else _load_model(checkpoint, model_config, device)
@@ -358,7 +356,7 @@ def fuse_command(ctx: click.Context, **p: Any) -> None:
     fast = dict(dtype=p["dtype"], compile=p["compile_"], compile_mode=p["compile_mode"],
                 cuda_graphs=p["cuda_graphs"], channels_last=p["channels_last"])
     if p["fast_preset"]:
-        fast.update(dtype="fp16", compile=True, compile_mode="max-autotune-no-cudagraphs", cuda_graphs=True)
+        fast.update(dtype="fp16", compile=True, compile_mode="default", cuda_graphs=True)
     try:
         settings = batch.RunSettings(mode=mode, steps=steps, seed=p["seed"], size_policy=size_policy,
                                      lamb=p["lamb"], rho=p["rho"], backend=p["backend"], output=output,
@@ -540,7 +538,7 @@ def info_report() -> dict[str, Any]:
     import torch
 
     from ddfm_fast.checkpoint import DEFAULT_PRESET, PRESETS, CheckpointError, _preset_search_dirs, resolve_preset
-    from ddfm_fast.dispatch import ENV_BACKEND, BackendError, resolve_backend
+    from ddfm_fast.plan import ENV_BACKEND, BackendError, plan
 
     devices = [{"device": "cpu", "name": "CPU", "threads": torch.get_num_threads()}]
     if torch.cuda.is_available():
@@ -551,9 +549,7 @@ def info_report() -> dict[str, Any]:
                             "capability": f"{props.major}.{props.minor}"})
     for d in devices:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                d["backend_auto"] = resolve_backend("auto", d["device"]).describe()
+            d["backend_auto"] = plan(d["device"]).describe()
         except BackendError as exc:
             d["backend_auto"] = f"error: {exc}"
     presets = []

@@ -24,6 +24,7 @@ from torch import nn
 
 from ddfm_fast import io
 from ddfm_fast.checkpoint import load_model
+from ddfm_fast.config import AccelConfig, SamplerConfig
 from ddfm_fast.sampler import DDFMSampler, StepOutput
 from ddfm_fast.schedule import Respacing
 from ddfm_fast.unet import ADM256_UNCOND_ARGS
@@ -64,10 +65,11 @@ def create_model(**model_config: Any) -> nn.Module:
 class DDIMCompat:
     """What the official ``create_sampler(...)`` returns, reduced to the one method DDFM uses."""
 
-    def __init__(self, sampler: DDFMSampler) -> None:
-        self.sampler = sampler
-        self.num_timesteps = sampler.num_steps
-        self.timestep_map = sampler.schedule.timestep_map.tolist()
+    def __init__(self, config: SamplerConfig, accel: AccelConfig) -> None:
+        self.config, self.accel = config, accel
+        self.sampler = DDFMSampler(config, accel)
+        self.num_timesteps = self.sampler.num_steps
+        self.timestep_map = self.sampler.schedule.timestep_map.tolist()
 
     @torch.no_grad()
     def p_sample_loop(
@@ -84,7 +86,10 @@ class DDIMCompat:
     ) -> torch.Tensor:
         """The official loop: returns the final sample (B, 3, H, W); with ``record`` writes the progress PNGs
         ``save_root/progress/<img_index>/x_<idx:04d>.png`` (Y channel, min-max, truncated to uint8)."""
-        self.sampler.lamb, self.sampler.rho = float(lamb), float(rho)
+        config = self.config.replace(lamb=lamb, rho=rho)
+        if config != self.sampler.config:  # the official call passes lamb and rho per image
+            self.sampler.close()
+            self.sampler = DDFMSampler(config, self.accel)
         if not record:
             return self.sampler.sample(model, x_start, I, V).sample
         if save_root is None:
@@ -130,7 +135,6 @@ def create_sampler(
     if rescale_timesteps and steps != 1000:
         raise NotImplementedError("create_sampler: rescale_timesteps with a base other than 1000 steps")
     respacing: Respacing = timestep_respacing if timestep_respacing not in ("", None) else steps
-    return DDIMCompat(
-        DDFMSampler(respacing, tau_reduce="batch", clip_denoised=clip_denoised, backend=backend,
-                    num_train_timesteps=steps)
-    )
+    config = SamplerConfig(steps=respacing, tau_reduce="batch", clip=clip_denoised, size_policy="crop",
+                           train_timesteps=steps)
+    return DDIMCompat(config, AccelConfig(backend=backend))

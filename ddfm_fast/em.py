@@ -203,7 +203,7 @@ def em_step(
             paper's soft threshold with ``tv_threshold``; see :func:`resolve_tv_prox`).
         tv_threshold: the soft threshold kappa >= 0; required with ``"soft"``, not allowed with ``"shrink"``.
         backend: ``"torch"`` (this plain-torch oracle, always; the environment override does not apply) or
-            ``"triton"`` / ``"auto"`` resolved by :func:`ddfm_fast.dispatch.resolve_backend` to the fused kernels
+            ``"triton"`` / ``"auto"`` resolved by :func:`ddfm_fast.plan.plan` to the fused kernels
             of ``ddfm_fast.kernels.em_tail`` (which allocate their buffers per call here).
 
     Returns:
@@ -211,9 +211,10 @@ def em_step(
     """
     kappa = resolve_tv_prox(tv_prox, tv_threshold)
     if backend != "torch":
-        from ddfm_fast.dispatch import resolve_backend
+        from ddfm_fast.config import AccelConfig
+        from ddfm_fast.plan import plan
 
-        if resolve_backend(backend, f_pre.device).name == "triton":
+        if plan(f_pre.device, AccelConfig(backend=backend)).backend == "triton":
             from ddfm_fast.kernels.em_tail import em_step_triton
 
             return em_step_triton(f_pre, I, V, state, lamb, rho, tau_reduce, tv_prox=tv_prox,

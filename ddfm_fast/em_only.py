@@ -10,7 +10,7 @@ and the result is F_{steps-1}. The official post-processing then applies to F it
 min-max to 0..255 and the reference-era rounding (:func:`postprocess_em_only`).
 
 The EM's input scale. I and V are the sources in [-1, 1] (gray / 127.5 - 1). In the full sampler f_pre is
-``Y(x0) / 255`` with the BT.601 studio-swing matrix applied to an x0 in [-1, 1] (README §6.3 of the reference),
+``Y(x0) / 255`` with the BT.601 studio-swing matrix applied to an x0 in [-1, 1] (the official colour conversion),
 i.e. ``16/255 + 219/255 * g`` for a gray x0 = g, an affine image of [-1, 1] onto about [-0.80, 0.92]. That offset
 and gain are an accident of the official colour conversion, not part of the EM model: the model (Eq. 11) compares
 f directly with I and V (X = f - V, Y - X = I - f), and its output F = I - X lives in the scale of I and V. So
@@ -37,36 +37,37 @@ import numpy as np
 import torch
 
 from ddfm_fast import io
-from ddfm_fast.em import TauReduce, em_init, em_step
+from ddfm_fast.config import SamplerConfig
+from ddfm_fast.em import em_init, em_step
+
+
+class EMOnlyNonFiniteError(RuntimeError):
+    """EM-only fusion went NaN or infinite."""
 
 
 @torch.no_grad()
-def fuse_em_only(
-    I: torch.Tensor,  # noqa: E741 (the paper's name)
-    V: torch.Tensor,
-    *,
-    steps: int,
-    lamb: float = 0.5,
-    rho: float = 0.001,
-    tau_reduce: TauReduce = "batch",
-) -> torch.Tensor:
-    """EM-only fusion (ablation I): ``steps`` EM steps from ``f_0 = (I + V) / 2``; returns the final F (B, 1, H, W).
+def fuse_em_only(I: torch.Tensor, V: torch.Tensor, config: SamplerConfig) -> torch.Tensor:  # noqa: E741
+    """EM-only fusion (ablation I): ``config.steps`` EM iterations from ``f_0 = (I + V) / 2``; the final F (B, 1, H, W).
 
     Args:
         I, V: the sources (B, 1, H, W) float32 in [-1, 1], in the official driver's roles (I = visible / MRI,
             V = infrared / functional; see ``ddfm_fast.api``).
-        steps: number of EM iterations (the sampler's step count: one EM step per DDIM step), >= 1.
-        lamb, rho: the EM step's TV weight and ADMM penalty (official 0.5 and 0.001).
-        tau_reduce: ``"batch"`` (official, one tau over the batch) or ``"image"`` (independent images).
+        config: a ``prior="none"`` config: ``steps`` EM iterations (None: 100), ``lamb``, ``rho``,
+            ``tau_reduce`` and the TV proximal operator (``tv_prox``, ``tv_threshold``) as in the sampler.
     """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive int (EM iterations), got {steps!r}")
+    if config.prior != "none":
+        raise ValueError("fuse_em_only takes a SamplerConfig with prior='none'")
     if I.shape != V.shape:
         raise ValueError(f"I and V must have the same shape, got {tuple(I.shape)} and {tuple(V.shape)}")
+    config = config.for_model(None)
     state = em_init(I)
     f = (I + V) / 2
-    for _ in range(int(steps)):
-        f, state = em_step(f, I, V, state, lamb, rho, tau_reduce)
+    for _ in range(config.num_steps()):
+        f, state = em_step(f, I, V, state, config.lamb, config.rho, config.tau_reduce, config.tv_prox,
+                           config.tv_threshold)
+    if not bool(torch.isfinite(f).all()):
+        raise EMOnlyNonFiniteError("EM-only fusion went non-finite (NaN or inf); nothing was written. "
+                                   "Check the lamb / rho values")
     return f
 
 

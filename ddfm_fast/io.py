@@ -153,19 +153,31 @@ def reflect_pad_to_multiple(t: torch.Tensor, multiple: int = 32) -> torch.Tensor
     return t
 
 
-def apply_size_policy(t: torch.Tensor, policy: SizePolicy, multiple: int = 32) -> torch.Tensor:
-    """Make H and W multiples of ``multiple``: ``"crop"`` (official, top-left) or ``"pad"`` (reflect)."""
-    h, w = t.shape[-2:]
+SIZE_MULTIPLE = 32  # the official driver crops to /32 (ADM256 downsamples 5 times); every model we load divides it
+
+
+def model_size(hw: tuple[int, int], policy: SizePolicy, multiple: int = SIZE_MULTIPLE) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(model_hw, out_hw)`` of an image of ``hw`` = (H, W) under a size policy: the one place for the /32 rule.
+
+    ``"pad"`` reflect-pads up to the next multiple and crops the output back to ``hw``; ``"crop"`` is the official
+    top-left crop down to the multiple (and needs at least ``multiple`` pixels on each side).
+    """
+    h, w = int(hw[0]), int(hw[1])
     if policy == "crop":
         if h < multiple or w < multiple:
             raise ValueError(f"image of {w}x{h} is smaller than {multiple} px on a side; use size_policy='pad'")
-        return crop_to_multiple(t, multiple)
+        return (h - h % multiple, w - w % multiple), (h - h % multiple, w - w % multiple)
     if policy == "pad":
-        return reflect_pad_to_multiple(t, multiple)
+        return (h + (-h) % multiple, w + (-w) % multiple), (h, w)
     raise ValueError(f"size_policy must be 'pad' or 'crop', got {policy!r}")
 
 
-# --------------------------------------------------------------------------------------------------- output
+def apply_size_policy(t: torch.Tensor, policy: SizePolicy, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
+    """Make H and W multiples of ``multiple``: ``"crop"`` (official, top-left) or ``"pad"`` (reflect)."""
+    model_hw, _ = model_size(tuple(t.shape[-2:]), policy, multiple)
+    if policy == "crop":
+        return t[..., : model_hw[0], : model_hw[1]]
+    return reflect_pad_to_multiple(t, multiple)
 
 
 def sample_luma(sample: torch.Tensor) -> np.ndarray:

@@ -1,46 +1,48 @@
 """The DDFM sampling loop (Zhao et al., ICCV 2023, Algorithm 1): DDIM (eta = 0) with one EM step per UNet call.
 
-Per step, in loop order j = 0 .. N-1 (spaced index idx = N-1-j, original timestep t = timestep_map[idx]):
+:class:`DDFMSampler` takes the two option types whole (:class:`~ddfm_fast.config.SamplerConfig`,
+:class:`~ddfm_fast.config.AccelConfig`), asks :func:`ddfm_fast.plan.plan` how to run on the device, and runs
+:func:`ddfm_fast.step.ddfm_step` N times over static buffers. How the step executes (eager, compiled, replayed
+from a CUDA graph) is the plan's choice; the step and the loop are the same for all of them, so the faithful fp32
+path and the fast path differ only in the plan.
 
-    eps      = UNet(x_t, t)[:, :3]                                   (the variance channels are unused by DDIM)
-    x0       = clamp(c1 * x_t - c2 * eps, -1, 1)                     (Eq. 3: f~_{0|t})
-    f_pre    = Y(x0) / 255                                           (official YCbCr scaling, ``color.py``)
-    F, state = EM_step(f_pre, I, V, state)                           (Eqs. 16-30, ``em.py``: f^_{0|t})
-    x0'      = RGB(Y := F, Cb, Cr of x0)                             (not clipped again, as official)
-    eps'     = (c1 * x_t - x0') / c2                                 (eps recomputed from the rectified x0)
-    x_{t-1}  = sqrt(ac_prev) * x0' + sqrt(1 - ac_prev) * eps'        (DDIM update, eta = 0)
-
-The EM state is created once, at the first step, and carried through all steps (reference README §6.1).
-Nothing in a step reads a value back to the host: the coefficients come from a device table indexed by the
-step counter, and the EM state is updated in place.
+One runner (buffers, the step compiled for that shape, a captured graph) is kept per (model, batch, H, W,
+device); at most ``max_runners`` are kept, least recently used released first, so a folder of many image sizes
+holds a bounded number of buffers and graph pools. Each runner compiles its own copy of the step function:
+Dynamo's recompile limit counts per code object, so a shared function would, past 8 sizes, stop compiling.
 """
 
 from __future__ import annotations
 
+import copy
+import time
+import types
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from ddfm_fast import color
-from ddfm_fast.dispatch import BackendChoice, resolve_backend
-from ddfm_fast.em import EMState, TauReduce, TVProx, em_init, em_step, resolve_tv_prox
-from ddfm_fast.schedule import C1, C2, SQRT_1M_AC_PREV, SQRT_AC_PREV, Respacing, Schedule, StepTable
+from ddfm_fast.config import AccelConfig, SamplerConfig, torch_dtype
+from ddfm_fast.em import EMState
+from ddfm_fast.plan import ExecutionPlan, plan
+from ddfm_fast.schedule import Schedule, StepTable
+from ddfm_fast.step import NONFINITE_STAGES, StepBuffers, ddfm_step
 
-if TYPE_CHECKING:  # the kernels import triton; only the Triton backend loads them
-    from ddfm_fast.kernels.em_tail import TailWorkspace
+
+class NonFiniteError(RuntimeError):
+    """The sample went NaN or infinite; the message names the stage where it first happened."""
 
 
 @dataclass
 class StepOutput:
-    """What one step produced; handed to the per-step callback (tensors stay on the device)."""
+    """What one step produced; handed to the per-step callback (device tensors, valid during the callback)."""
 
     j: int  # loop position, 0 .. N-1
-    idx: int  # spaced index, N-1 .. 0 (the official ``idx``, used in progress file names)
-    x_t: torch.Tensor  # the step's input (UNet input)
+    idx: int  # spaced index, N-1 .. 0 (the official ``idx``, used in the official progress file names)
+    timestep: int  # the original timestep t given to the UNet
+    x_prev: torch.Tensor  # the step's output x_{t-1} (the official ``out['sample']``)
     pred_xstart: torch.Tensor  # x0' after the EM rectification
-    x_prev: torch.Tensor  # the step's output x_{t-1}
     state: EMState
 
 
@@ -49,52 +51,134 @@ StepCallback = Callable[[StepOutput], None]
 
 @dataclass
 class SampleResult:
-    """The final sample (x0' of the last step, (B, 3, H, W) in about [-1, 1]) and the final EM state."""
+    """The final sample ((B, 3, H, W), about [-1, 1]), the final EM state and the plan that ran."""
 
     sample: torch.Tensor
     state: EMState
-    backend: BackendChoice
+    plan: ExecutionPlan
+    compile_seconds: Optional[float] = None  # the first call's compile (and capture), when this call made one
+
+
+def check_inputs(x_start: torch.Tensor, I: torch.Tensor, V: torch.Tensor) -> None:  # noqa: E741
+    """x_start (B, 3, H, W) float32 with sources (B, 1, H, W) on its device: the sampler's one input check."""
+    if x_start.ndim != 4 or x_start.shape[1] != 3:
+        raise ValueError(f"x_start must be (B, 3, H, W), got {tuple(x_start.shape)}")
+    expected = (x_start.shape[0], 1, *x_start.shape[2:])
+    for name, t in (("I", I), ("V", V)):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} must be {expected} to match x_start {tuple(x_start.shape)}, got {tuple(t.shape)}")
+        if t.device != x_start.device:
+            raise ValueError(f"{name} is on {t.device} but x_start is on {x_start.device}")
+    if x_start.dtype != torch.float32:
+        raise TypeError(f"x_start must be float32 (the sampler's state is fp32), got {x_start.dtype}")
+
+
+def _fresh_step() -> Callable[..., None]:
+    """:func:`ddfm_step` with a code object of its own, so its compiled-graph cache is its own."""
+    return types.FunctionType(ddfm_step.__code__.replace(), ddfm_step.__globals__, ddfm_step.__name__,
+                              ddfm_step.__defaults__, ddfm_step.__closure__)
+
+
+class _Runner:
+    """The step over static buffers for one (model, B, H, W, device): compiled and captured on first use."""
+
+    def __init__(self, model: nn.Module, shape: tuple[int, int, int], device: torch.device, table: StepTable,
+                 cfg: SamplerConfig, plan_: ExecutionPlan) -> None:
+        self.plan, self.device = plan_, device
+        self.buf = StepBuffers.create(*shape, device, triton=plan_.backend == "triton")
+        self.args = (model, self.buf, table, cfg)
+        self.kwargs = dict(triton=plan_.backend == "triton", channels_last=plan_.channels_last)
+        self.fn: Callable[..., None] = ddfm_step
+        if plan_.compile:
+            # Inductor's own CUDA graphs are never combined with the capture below.
+            mode = None
+            if plan_.compile_backend == "inductor":
+                mode = "max-autotune-no-cudagraphs" if plan_.compile_mode.startswith("max-autotune") else None
+            self.fn = torch.compile(_fresh_step(), fullgraph=True, dynamic=False, mode=mode,
+                                    backend=plan_.compile_backend)
+        self.graph: Optional["torch.cuda.CUDAGraph"] = None
+        self.warm = False
+
+    def call(self) -> None:
+        self.fn(*self.args, **self.kwargs)
+
+    def warm_up(self) -> float:
+        """The first call (compiles) and, if planned, the graph capture; returns the seconds they took."""
+        t0 = time.perf_counter()
+        try:
+            self.call()
+        except Exception as exc:  # noqa: BLE001 - a compiler failure falls back to the eager step, recorded
+            if self.fn is ddfm_step:
+                raise
+            self.plan.fall_back("compile", f"{type(exc).__name__}: {str(exc)[:300]}; the step runs eagerly")
+            self.fn = ddfm_step
+            self.buf.j.zero_()
+            self.call()
+        if self.plan.cuda_graphs and self.device.type == "cuda":
+            self._capture()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warm = True
+        return time.perf_counter() - t0
+
+    def _capture(self) -> None:
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # let lazy allocations (cuFFT plans, workspaces) happen outside the capture
+                    self.buf.j.zero_()  # stay inside the step table even with one step
+                    self.call()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.buf.j.zero_()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.call()
+            self.graph = graph
+        except Exception as exc:  # noqa: BLE001 - a capture failure falls back, recorded
+            self.graph = None
+            self.plan.fall_back("cuda_graphs", f"capture failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                                f"running the {'compiled' if self.fn is not ddfm_step else 'eager'} step")
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.call()
+
+    def release(self) -> None:
+        self.graph = None
+        self.fn = ddfm_step
 
 
 class DDFMSampler:
-    """DDIM + EM sampler for one respacing; the schedule table is built once per sampler.
+    """DDIM + EM sampler for one :class:`SamplerConfig`; the execution follows an :class:`AccelConfig`.
 
     Args:
-        steps: the respacing (int, ``"N"``, comma list or ``"ddimN"``; the paper uses 100).
-        lamb, rho: the EM step's TV weight and ADMM penalty (official 0.5 and 0.001).
-        tau_reduce: ``"batch"`` (official: one tau over the whole batch) or ``"image"`` (independent images).
-        clip_denoised: clamp the x0 prediction to [-1, 1] before the EM step (official True).
-        tv_prox: the EM step's F update: ``"shrink"`` (official linear shrink) or ``"soft"`` (the paper's soft
-            threshold, Eqs. 26-27; needs ``tv_threshold``, see :func:`ddfm_fast.em.resolve_tv_prox`).
-        tv_threshold: the soft threshold kappa >= 0 (only with ``"soft"``; there is no safe default).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``ddfm_fast.dispatch``).
-        num_train_timesteps: length of the base linear schedule (the ADM models: 1000).
+        config: what to compute; ``config.steps`` must be set (``SamplerConfig.for_model`` fills in a model's
+            default).
+        accel: how to run it (default: the faithful fp32 eager path).
+        max_runners: how many (model, shape, device) runners to keep (each holds buffers and, when compiled or
+            captured, a compiled step or a graph pool).
+
+    The caller's model is never modified: a dtype or memory-format change is made on a copy, kept per model.
     """
 
-    def __init__(
-        self,
-        steps: Respacing = 100,
-        *,
-        lamb: float = 0.5,
-        rho: float = 0.001,
-        tau_reduce: TauReduce = "batch",
-        clip_denoised: bool = True,
-        tv_prox: TVProx = "shrink",
-        tv_threshold: Optional[float] = None,
-        backend: str = "auto",
-        num_train_timesteps: int = 1000,
-    ) -> None:
-        if tau_reduce not in ("batch", "image"):
-            raise ValueError(f"tau_reduce must be 'batch' or 'image', got {tau_reduce!r}")
-        resolve_tv_prox(tv_prox, tv_threshold)  # fail here, not at the first step
-        self.tv_prox: TVProx = tv_prox
-        self.tv_threshold = None if tv_threshold is None else float(tv_threshold)
-        self.schedule = Schedule.create(steps, num_train_timesteps)
-        self.lamb, self.rho = float(lamb), float(rho)
-        self.tau_reduce: TauReduce = tau_reduce
-        self.clip_denoised = clip_denoised
-        self.backend = backend
+    def __init__(self, config: Optional[SamplerConfig] = None, accel: Optional[AccelConfig] = None, *,
+                 max_runners: int = 4) -> None:
+        self.config = config if config is not None else SamplerConfig(steps=100)
+        if self.config.prior != "diffusion":
+            raise ValueError("DDFMSampler runs the diffusion prior; prior='none' is ddfm_fast.em_only")
+        self.config.num_steps()  # steps must be set
+        if max_runners < 1:
+            raise ValueError(f"max_runners must be >= 1, got {max_runners}")
+        self.accel = accel if accel is not None else AccelConfig()
+        self.max_runners = max_runners
+        self.schedule = Schedule.create(self.config.steps, self.config.train_timesteps)  # type: ignore[arg-type]
         self._tables: dict[torch.device, StepTable] = {}
+        self._plans: dict[torch.device, ExecutionPlan] = {}
+        self._runners: dict[tuple, _Runner] = {}  # least recently used first
+        self._models: dict[tuple, tuple[nn.Module, nn.Module]] = {}  # (id, dtype, cl) -> (original, prepared)
 
     @property
     def num_steps(self) -> int:
@@ -107,114 +191,79 @@ class DDFMSampler:
             self._tables[device] = self.schedule.table(device)
         return self._tables[device]
 
-    def step(
-        self, model: nn.Module, x_t: torch.Tensor, j: int, I: torch.Tensor, V: torch.Tensor,  # noqa: E741
-        state: EMState, table: StepTable, *, workspace: Optional["TailWorkspace"] = None,
-        out: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DDFM step at loop position ``j``; returns ``(x_prev, pred_xstart)`` and updates ``state``.
+    def plan(self, device: torch.device | str) -> ExecutionPlan:
+        """The execution plan on ``device`` (made once; run-time fallbacks update it)."""
+        device = torch.device(device)
+        if device not in self._plans:
+            self._plans[device] = plan(device, self.accel)
+        return self._plans[device]
 
-        With a ``workspace`` (``ddfm_fast.kernels.em_tail.TailWorkspace``) the tail after the UNet runs as the
-        fused Triton kernels, writing x_prev into ``out`` (default ``workspace.x_prev``) and x0' into
-        ``workspace.x0``; without one, as plain torch (``step_tail_torch``).
-        """
-        t = table.model_t[j : j + 1].expand(x_t.shape[0])
-        eps = model(x_t, t)[:, : x_t.shape[1]]
-        tv = dict(tv_prox=self.tv_prox, tv_threshold=self.tv_threshold)
-        if workspace is not None:
-            from ddfm_fast.kernels.em_tail import step_tail_triton
+    def prepared_model(self, model: nn.Module, plan_: ExecutionPlan) -> nn.Module:
+        """``model`` in the plan's dtype and memory format: the model itself when nothing changes, else a copy."""
+        dtype = torch_dtype(plan_.dtype)
+        current = next(iter(model.parameters()), torch.empty(0)).dtype
+        if dtype == current and not plan_.channels_last:
+            return model
+        key = (id(model), plan_.dtype, plan_.channels_last)
+        if key not in self._models:
+            prepared = copy.deepcopy(model).to(dtype=dtype)
+            if plan_.channels_last:
+                prepared = prepared.to(memory_format=torch.channels_last)
+            self._models[key] = (model, prepared.eval())  # the original is held so its id is not reused
+        return self._models[key][1]
 
-            return step_tail_triton(x_t, eps, table.coef[j], I, V, state, lamb=self.lamb, rho=self.rho,
-                                    tau_reduce=self.tau_reduce, clip_denoised=self.clip_denoised,
-                                    workspace=workspace, out=out, **tv)
-        return step_tail_torch(x_t, eps, table.coef[j], I, V, state, lamb=self.lamb, rho=self.rho,
-                               tau_reduce=self.tau_reduce, clip_denoised=self.clip_denoised, **tv)
+    def _runner(self, model: nn.Module, x_start: torch.Tensor) -> _Runner:
+        device = x_start.device
+        plan_ = self.plan(device)
+        key = (id(model), *x_start.shape, device, plan_.compile, plan_.cuda_graphs)
+        if key in self._runners:
+            self._runners[key] = self._runners.pop(key)  # most recently used last
+            return self._runners[key]
+        while len(self._runners) >= self.max_runners:
+            self._runners.pop(next(iter(self._runners))).release()
+        b, _, h, w = x_start.shape
+        net = self.prepared_model(model, plan_)
+        self._runners[key] = _Runner(net, (b, h, w), device, self.table(device), self.config, plan_)
+        return self._runners[key]
+
+    def close(self) -> None:
+        """Release every runner (buffers, compiled steps, CUDA graphs and their pools) and prepared model copies."""
+        for runner in self._runners.values():
+            runner.release()
+        self._runners.clear()
+        self._models.clear()
 
     @torch.no_grad()
-    def sample(
-        self,
-        model: nn.Module,
-        x_start: torch.Tensor,
-        I: torch.Tensor,  # noqa: E741
-        V: torch.Tensor,
-        *,
-        callback: Optional[StepCallback] = None,
-        state: Optional[EMState] = None,
-    ) -> SampleResult:
+    def sample(self, model: nn.Module, x_start: torch.Tensor, I: torch.Tensor, V: torch.Tensor,  # noqa: E741
+               *, callback: Optional[StepCallback] = None) -> SampleResult:
         """Run all steps from ``x_start`` (B, 3, H, W) with sources ``I``, ``V`` (B, 1, H, W) in [-1, 1].
 
-        ``state`` may be a preallocated :class:`EMState` of the right shape (it is reset); otherwise one is made.
-
-        With the Triton backend the step tail writes into buffers allocated once per call (two x buffers used in
-        turn, and one x0'): the tensors a ``callback`` receives are valid during the callback and are
-        overwritten by later steps, so clone what must be kept. The returned sample is not overwritten.
+        The tensors a ``callback`` receives are the sampler's buffers: valid during the callback, overwritten by
+        later steps (clone what must be kept). Raises :class:`NonFiniteError` when the sample went non-finite.
         """
-        _check_inputs(x_start, I, V)
-        choice = resolve_backend(self.backend, x_start.device)
-        table = self.table(x_start.device)
-        if state is None:
-            state = em_init(I)
-        else:
-            state.reset()
-        workspace, x_bufs = None, ()
-        if choice.name == "triton":
-            from ddfm_fast.kernels.em_tail import TailWorkspace
-
-            workspace = TailWorkspace.create(I, rgb=True)
-            x_bufs = (workspace.x_prev, torch.empty_like(workspace.x_prev))
-        x = x_start
-        x0 = x_start
-        for j in range(self.num_steps):
-            out = x_bufs[j % 2] if x_bufs else None  # x_t and x_{t-1} never share a buffer
-            x_prev, x0 = self.step(model, x, j, I, V, state, table, workspace=workspace, out=out)
+        check_inputs(x_start, I, V)
+        runner = self._runner(model, x_start)
+        compile_seconds = None
+        if not runner.warm:
+            if runner.fn is ddfm_step and not (runner.plan.cuda_graphs and runner.device.type == "cuda"):
+                runner.warm = True  # nothing to compile or capture: the first real step is the first call
+            else:
+                runner.buf.reset(x_start, I, V)
+                compile_seconds = runner.warm_up()
+        buf = runner.buf
+        buf.reset(x_start, I, V)
+        n = self.num_steps
+        timesteps = self.schedule.timestep_map
+        for j in range(n):
+            runner.step()
             if callback is not None:
-                callback(StepOutput(j, self.num_steps - 1 - j, x, x0, x_prev, state))
-            x = x_prev
-        # At idx = 0, ac_prev = 1: x_prev equals x0' exactly; return x_prev as the official loop does.
-        return SampleResult(sample=x, state=state, backend=choice)
-
-
-def _check_inputs(x_start: torch.Tensor, I: torch.Tensor, V: torch.Tensor) -> None:  # noqa: E741
-    if x_start.ndim != 4 or x_start.shape[1] != 3:
-        raise ValueError(f"x_start must be (B, 3, H, W), got {tuple(x_start.shape)}")
-    expected = (x_start.shape[0], 1, *x_start.shape[2:])
-    for name, t in (("I", I), ("V", V)):
-        if tuple(t.shape) != expected:
-            raise ValueError(f"{name} must be {expected} to match x_start {tuple(x_start.shape)}, got {tuple(t.shape)}")
-        if t.device != x_start.device:
-            raise ValueError(f"{name} is on {t.device} but x_start is on {x_start.device}")
-    if x_start.dtype != torch.float32:
-        raise TypeError(f"x_start must be float32 (the faithful sampler), got {x_start.dtype}")
-
-
-def step_tail_torch(
-    x_t: torch.Tensor,
-    eps: torch.Tensor,
-    coef: torch.Tensor,
-    I: torch.Tensor,  # noqa: E741
-    V: torch.Tensor,
-    state: EMState,
-    *,
-    lamb: float,
-    rho: float,
-    tau_reduce: TauReduce = "batch",
-    clip_denoised: bool = True,
-    tv_prox: TVProx = "shrink",
-    tv_threshold: Optional[float] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Everything of a step after the UNet, in plain torch (the oracle for the Triton tail).
-
-    ``coef`` is one row of :class:`~ddfm_fast.schedule.StepTable` (c1, c2, sqrt(ac_prev), sqrt(1 - ac_prev)).
-    ``tv_prox`` / ``tv_threshold`` select the EM step's F update (see :func:`ddfm_fast.em.em_step`).
-    Returns ``(x_prev, pred_xstart)``; ``state`` is updated in place.
-    """
-    c1, c2 = coef[C1], coef[C2]
-    x0 = c1 * x_t - c2 * eps
-    if clip_denoised:
-        x0 = x0.clamp(-1, 1)
-    ycc = color.luminance_for_em(x0)
-    F, _ = em_step(ycc[:, 0:1], I, V, state, lamb, rho, tau_reduce, tv_prox, tv_threshold)
-    x0 = color.rgb_from_em(torch.cat([F, ycc[:, 1:]], dim=1))
-    eps = (c1 * x_t - x0) / c2
-    x_prev = x0 * coef[SQRT_AC_PREV] + coef[SQRT_1M_AC_PREV] * eps
-    return x_prev, x0
+                idx = n - 1 - j
+                callback(StepOutput(j, idx, int(timesteps[idx]), buf.x, buf.x0, buf.state))
+        bad = buf.nonfinite.tolist()
+        if any(bad):
+            stage = NONFINITE_STAGES[bad.index(True)]
+            raise NonFiniteError(f"the sample went non-finite (NaN or inf) in {stage}; nothing was written. "
+                                 "Check the checkpoint's weights and the lamb / rho values")
+        # At idx = 0, ac_prev = 1: x_{-1} equals x0' exactly; the official loop returns x_prev.
+        return SampleResult(sample=buf.x.clone(), state=buf.state, plan=runner.plan,
+                            compile_seconds=compile_seconds)

@@ -30,7 +30,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from ddfm_fast.em import em_init  # noqa: E402
 from ddfm_fast.kernels import em_tail  # noqa: E402
-from ddfm_fast.sampler import DDFMSampler  # noqa: E402
+from ddfm_fast.schedule import Schedule  # noqa: E402
 
 KERNELS = ("_em_pre_kernel", "_em_post_kernel", "_tau_finish_kernel")
 # (batch, H, W, entry point, tv_prox, tau_reduce, clip): the shapes and switches the product launches.
@@ -59,7 +59,7 @@ def capture() -> list[tuple[object, tuple, dict]]:
         kernel.run = recorder(kernel)
     gpu_tiles = em_tail.default_tiles
     em_tail.default_tiles = lambda device, h, w: gpu_tiles("cuda", h, w)
-    table = DDFMSampler(10).table(torch.device("cpu"))
+    table = Schedule.create(10).table("cpu")
     for b, h, w, entry, tv_prox, tau_reduce, clip in SCENARIOS:
         I = torch.rand(b, 1, h, w) * 2 - 1  # noqa: E741
         V = torch.rand(b, 1, h, w) * 2 - 1

@@ -44,11 +44,3 @@ def em_golden(reference_dir: Path):
 @pytest.fixture(scope="session")
 def sampler_golden(reference_dir: Path):
     return dict(np.load(reference_dir / "sampler_tiny.npz"))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warn_once(monkeypatch):
-    """Each test sees ddfm-fast's once-per-process warnings afresh (otherwise test order decides who sees them)."""
-    from ddfm_fast import dispatch
-
-    monkeypatch.setattr(dispatch, "_warned", set())

@@ -7,8 +7,6 @@ the same order as two CPUs do (see test_em.py / test_sampler.py), so the CPU bou
 
 from __future__ import annotations
 
-import dataclasses
-
 import os
 
 import numpy as np
@@ -18,8 +16,10 @@ import torch
 import ddfm_fast
 from ddfm_fast.benchmarks import psnr_8bit
 from ddfm_fast.em import em_init, em_step
-from ddfm_fast.fast import FastDDFMSampler, FastOptions
+from ddfm_fast.config import AccelConfig, SamplerConfig
 from ddfm_fast.sampler import DDFMSampler
+
+TEN = SamplerConfig(steps=10, tau_reduce="batch")
 
 pytestmark = [
     pytest.mark.gpu,
@@ -65,7 +65,7 @@ def test_em_chain_on_cuda(em_golden, case, backend):
 def test_tiny_sampler_on_cuda_matches_the_official_run(tiny, inputs, sampler_golden, backend):
     if backend == "triton" and _interpreted():
         pytest.skip("TRITON_INTERPRET=1")
-    out = DDFMSampler(10, backend=backend).sample(tiny, *inputs).sample
+    out = DDFMSampler(TEN, AccelConfig(backend=backend)).sample(tiny, *inputs).sample
     torch.testing.assert_close(out.cpu(), torch.from_numpy(sampler_golden["ddim10/final"]), rtol=0, atol=1e-3)
 
 
@@ -77,12 +77,10 @@ def test_graphs_replay_the_compiled_step_exactly(reference_dir, inputs):
                                      device=CUDA)
         # Inductor's default mode: max-autotune's kernel search would take minutes of the suite's time limit and
         # is not what this test is about (the bench command measures it as a variant).
-        opts = FastOptions(dtype=torch.float16, compile=True, compile_mode="default", cuda_graphs=graphs)
-        sampler = FastDDFMSampler(10, backend="auto", options=opts)
-        out = sampler.sample(model, *inputs).sample
-        runner = next(iter(sampler._runners.values()))
-        assert (runner._graph is not None) == graphs, runner.notes
-        return out
+        opts = AccelConfig(dtype="fp16", compile=True, compile_mode="default", cuda_graphs=graphs)
+        res = DDFMSampler(TEN, opts).sample(model, *inputs)
+        assert res.plan.cuda_graphs == graphs and not res.plan.fallbacks, res.plan.describe()
+        return res.sample
 
     torch.testing.assert_close(run(True), run(False), rtol=0, atol=0)
 
@@ -92,11 +90,13 @@ def test_fast_path_stays_close_to_fp32(reference_dir, tiny, inputs):
     path, on the 8-bit output.
 
     The tiny model's random weights make it far more sensitive than a trained one (CPU fp16: 60 dB)."""
-    ref = DDFMSampler(10, backend="torch").sample(tiny, *inputs).sample
+    ref = DDFMSampler(TEN, AccelConfig(backend="torch")).sample(tiny, *inputs).sample
     model = ddfm_fast.load_model(reference_dir / "tiny_unet.pt", config=reference_dir / "tiny_unet_config.json",
                                  device=CUDA)
-    fast = dataclasses.replace(FastOptions.preset("fast"), compile_mode="default")  # see the test above
-    out = FastDDFMSampler(10, options=fast).sample(model, *inputs).sample
+    res = DDFMSampler(TEN, AccelConfig.fast()).sample(model, *inputs)
+    assert (res.plan.dtype, res.plan.compile, res.plan.cuda_graphs) == ("fp16", True, True), res.plan.describe()
+    assert not res.plan.fallbacks, res.plan.describe()
+    out = res.sample
     assert psnr_8bit(out, ref) >= 40.0
 
 
@@ -107,6 +107,14 @@ def test_paper_size_model_at_1280x1024_fits_in_12_gib():
     model = random_model(device=CUDA)
     x = torch.randn(1, 3, 1024, 1280, device=CUDA)
     I, V = torch.rand(2, 1, 1, 1024, 1280, device=CUDA) * 2 - 1  # noqa: E741
-    FastDDFMSampler(2, options=FastOptions(dtype=torch.float16)).sample(model, x, I, V)
+    DDFMSampler(SamplerConfig(steps=2), AccelConfig(dtype="fp16")).sample(model, x, I, V)
     peak = torch.cuda.max_memory_allocated() / 2**30
     assert peak < 12.0, f"peak {peak:.2f} GiB"
+
+
+def test_graphs_with_one_step(tiny, inputs):
+    """The capture's warm-up calls stay inside a one-row step table."""
+    res = DDFMSampler(SamplerConfig(steps=1), AccelConfig(cuda_graphs=True)).sample(tiny, *inputs)
+    assert res.plan.cuda_graphs and not res.plan.fallbacks, res.plan.describe()
+    ref = DDFMSampler(SamplerConfig(steps=1)).sample(tiny, *inputs).sample
+    torch.testing.assert_close(res.sample, ref, rtol=0, atol=0)

@@ -33,11 +33,13 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton step-tail kernels are not tested")
 
 import ddfm_fast  # noqa: E402
-from ddfm_fast.dispatch import resolve_backend, triton_not_supported_reasons  # noqa: E402
+from ddfm_fast.config import AccelConfig, ConfigError, SamplerConfig  # noqa: E402
+from ddfm_fast.plan import plan, triton_not_supported_reasons  # noqa: E402
 from ddfm_fast.em import em_init, em_step  # noqa: E402
 from ddfm_fast.kernels import em_tail  # noqa: E402
 from ddfm_fast.kernels.em_tail import TailWorkspace, em_step_triton, step_tail_triton  # noqa: E402
-from ddfm_fast.sampler import DDFMSampler, step_tail_torch  # noqa: E402
+from ddfm_fast.sampler import DDFMSampler  # noqa: E402
+from ddfm_fast.step import step_tail_torch  # noqa: E402
 from ddfm_fast.schedule import Schedule  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -104,8 +106,8 @@ def _tail_chain(I, V, x, eps, steps=3, tau_reduce="batch", **tv):  # noqa: E741
     ref_state, tri_state = em_init(I), em_init(I)
     ws = TailWorkspace.create(I)
     for j in range(steps):
-        ref = step_tail_torch(x, eps, TABLE.coef[j], I, V, ref_state, lamb=0.5, rho=0.001, tau_reduce=tau_reduce,
-                              **tv)
+        ref = step_tail_torch(x, eps, TABLE.coef[j], I, V, ref_state,
+                              SamplerConfig(steps=10, tau_reduce=tau_reduce, **tv))
         tri = step_tail_triton(x, eps, TABLE.coef[j], I, V, tri_state, lamb=0.5, rho=0.001, tau_reduce=tau_reduce,
                                workspace=ws, **tv)
         yield j, ref, ref_state, tri, tri_state
@@ -161,7 +163,7 @@ def test_step_tail_matches_sampler_goldens(sampler_golden):
     ws = TailWorkspace.create(I)
     for j in range(10):
         x, eps = _t(g, "ddim10/x_t")[j:j + 1], _t(g, "ddim10/model_eps")[j:j + 1]
-        ref = step_tail_torch(x, eps, TABLE.coef[j], I, V, ref_state, lamb=0.5, rho=0.001)
+        ref = step_tail_torch(x, eps, TABLE.coef[j], I, V, ref_state, SamplerConfig(steps=10, tau_reduce="batch"))
         x_prev, x0 = step_tail_triton(x, eps, TABLE.coef[j], I, V, tri_state, lamb=0.5, rho=0.001, workspace=ws)
         _close(x_prev, ref[0], f"step {j} x_prev vs oracle", atol=ATOL_ORACLE["x_prev"])
         _close(x0, ref[1], f"step {j} x0 vs oracle", atol=ATOL_ORACLE["x0"])
@@ -197,16 +199,14 @@ def test_sampler_triton_path_with_golden_eps(sampler_golden):
         records = []
 
         def record(out, records=records):
-            assert out.x_t.data_ptr() != out.x_prev.data_ptr(), "x_t and x_prev never share a buffer"
-            records.append((out.x_t.clone(), out.pred_xstart.clone(), out.x_prev.clone()))
+            records.append((out.pred_xstart.clone(), out.x_prev.clone()))
 
-        result = DDFMSampler(10, backend=backend).sample(_ReplayUNet(g), _t(g, "x_start"), _t(g, "I"), _t(g, "V"),
-                                                         callback=record)
-        assert result.backend.name == backend
+        sampler = DDFMSampler(SamplerConfig(steps=10, tau_reduce="batch"), AccelConfig(backend=backend))
+        result = sampler.sample(_ReplayUNet(g), _t(g, "x_start"), _t(g, "I"), _t(g, "V"), callback=record)
+        assert result.plan.backend == backend
         runs[backend] = records + [(result.sample,)]
     for j, (tri, ref) in enumerate(zip(runs["triton"][:-1], runs["torch"][:-1])):
-        for name, ours, oracle, key in zip(("x_t", "x0'", "x_prev"), tri, ref,
-                                           ("x_t", "pred_xstart_after_em", "x_prev")):
+        for name, ours, oracle, key in zip(("x0'", "x_prev"), tri, ref, ("pred_xstart_after_em", "x_prev")):
             _close(ours, oracle, f"step {j} {name} vs torch loop", atol=4e-6)
             _close(ours, _t(g, f"ddim10/{key}")[j:j + 1], f"step {j} {name} vs golden", atol=2e-5)
     _close(runs["triton"][-1][0], _t(g, "ddim10/final"), "final", atol=2e-5)
@@ -232,8 +232,9 @@ def test_sampler_with_triton_backend_matches_goldens(tiny, sampler_golden):
     def record(out):
         records.append((out.pred_xstart.clone(), out.x_prev.clone(), out.state.tau_a.flatten()[0].item()))
 
-    result = DDFMSampler(10, backend="triton").sample(tiny, _t(g, "x_start"), _t(g, "I"), _t(g, "V"), callback=record)
-    assert result.backend.name == "triton"
+    sampler = DDFMSampler(SamplerConfig(steps=10, tau_reduce="batch"), AccelConfig(backend="triton"))
+    result = sampler.sample(tiny, _t(g, "x_start"), _t(g, "I"), _t(g, "V"), callback=record)
+    assert result.plan.backend == "triton"
     for j, (x0, x_prev, tau_a) in enumerate(records):
         _close(x0, _t(g, "ddim10/pred_xstart_after_em")[j:j + 1], f"step {j} x0'", atol=1e-3)
         _close(x_prev, _t(g, "ddim10/x_prev")[j:j + 1], f"step {j} x_prev", atol=1e-3)
@@ -376,12 +377,13 @@ def test_tv_prox_options_are_checked():
     with pytest.raises(ValueError, match="needs an explicit tv_threshold"):
         em_step_triton(I, I, I, state, tv_prox="soft")
     with pytest.raises(ValueError, match="needs an explicit tv_threshold"):
-        DDFMSampler(2, tv_prox="soft")
+        SamplerConfig(steps=2, tv_prox="soft")
     with pytest.raises(ValueError, match=">= 0"):
         em_step(I, I, I, state, tv_prox="soft", tv_threshold=-0.1)
     with pytest.raises(ValueError, match="only used with tv_prox='soft'"):
-        step_tail_torch(torch.zeros(1, 3, 4, 6), torch.zeros(1, 3, 4, 6), TABLE.coef[0].cpu(), I.cpu(), I.cpu(),
-                        em_init(I.cpu()), lamb=0.5, rho=0.001, tv_threshold=0.1)
+        em_step(I, I, I, state, tv_threshold=0.1)
+    with pytest.raises(ConfigError, match="only used with tv_prox='soft'"):
+        SamplerConfig(steps=2, tv_threshold=0.1)
     with pytest.raises(ValueError, match="tv_prox must be"):
         em_step_triton(I, I, I, state, tv_prox="hard", tv_threshold=0.1)
     with pytest.raises(ValueError, match="tau_reduce"):
@@ -407,10 +409,10 @@ def test_bad_workspace_and_inputs_are_errors():
 def test_dispatch_picks_triton_when_asked(monkeypatch, em_golden):
     monkeypatch.delenv("DDFM_FAST_BACKEND", raising=False)
     assert triton_not_supported_reasons(DEVICE) == []
-    assert resolve_backend("triton", DEVICE).name == "triton"
+    assert plan(DEVICE, AccelConfig(backend="triton")).backend == "triton"
     if DEVICE.type == "cpu":
-        auto = resolve_backend("auto", DEVICE)
-        assert auto.name == "torch" and "interpreter" in auto.describe(), "auto never picks the interpreter"
+        auto = plan(DEVICE, AccelConfig(backend="auto"))
+        assert auto.backend == "torch" and "interpreter" in auto.describe(), "auto never picks the interpreter"
     I, V = _t(em_golden, "case0/in/I"), _t(em_golden, "case0/in/V")  # noqa: E741
     f_pre = _t(em_golden, "case0/in/f_pre_step1")
     F_dispatch, _ = em_step(f_pre, I, V, em_init(I), backend="triton")

@@ -21,6 +21,7 @@ import torch
 from click.testing import CliRunner
 
 from ddfm_fast import DDFMSampler, load_model, upstream
+from ddfm_fast.config import SamplerConfig
 from ddfm_fast.cli import main
 from ddfm_fast.unet import ADM256_UNCOND_CONFIG, DDFM_SMALL_ARGS, UNetConfig
 
@@ -65,7 +66,7 @@ def test_official_sampler_reproduces_the_golden_run(official_clone, tiny, sample
     golden = _t(g, "ddim10/final")
     torch.testing.assert_close(run.sample, golden, rtol=0, atol=ATOL)
     assert (run.sample - golden).abs().mean() < MEAN_ATOL
-    ours = DDFMSampler(10).sample(tiny, x, I, V).sample
+    ours = DDFMSampler(SamplerConfig(steps=10, tau_reduce="batch")).sample(tiny, x, I, V).sample
     torch.testing.assert_close(ours, run.sample, rtol=0, atol=ATOL)
     assert (ours - run.sample).abs().mean() < MEAN_ATOL
     assert run.seconds > 0 and any(str(official_clone) in n for n in run.notes)
@@ -93,7 +94,7 @@ def test_official_modules_are_isolated(official_clone, tiny, monkeypatch, tmp_pa
     assert any("skimage.color not installed" in n for n in run.notes), run.notes
     assert any("cv2 is installed but failed to import (ValueError" in n for n in run.notes), run.notes
     assert "cv2" not in sys.modules
-    ours = DDFMSampler(3).sample(tiny, x, I, V).sample
+    ours = DDFMSampler(SamplerConfig(steps=3, tau_reduce="batch")).sample(tiny, x, I, V).sample
     torch.testing.assert_close(ours, run.sample, rtol=0, atol=ATOL)
     assert sys.modules["util"] is sentinel and sys.modules["skimage"] is None
     assert not [m for m in sys.modules if m.split(".")[0] == "guided_diffusion"]
