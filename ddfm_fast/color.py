@@ -3,7 +3,7 @@
 The official ``p_sample`` sends the x0 prediction through scikit-image's ``rgb2ycbcr`` (on the CPU, in numpy),
 divides by 255, hands channel 0 to the EM step, writes the rectified luminance back and converts with
 ``ycbcr2rgb(ycc * 255)``. The BT.601 "studio swing" matrix is meant for RGB in [0, 1], but DDFM applies it to
-RGB in [-1, 1]; the EM step therefore sees a luminance in about [-0.796, 0.922] (see the reference README §6.3).
+RGB in [-1, 1]; the EM step therefore sees a luminance in about [-0.796, 0.922] (the official conversion, reproduced in this module).
 We reproduce the arithmetic bit for bit without the CPU round trip:
 
 * forward: float32 ``fma(B, m2, fma(G, m1, R * m0)) + offset`` (what the reference build's matmul computes);

@@ -1,8 +1,8 @@
-"""The DDFM step tail as two fused Triton kernels around one real FFT pair (GitHub issue 4).
+"""The DDFM step tail as two fused Triton kernels around one real FFT pair.
 
 Everything of a sampling step after the UNet (Zhao et al., ICCV 2023, Algorithm 1 with the EM step of
 Sec. 3.3) is memory bound: a few float32 planes are read and written, and the only real work is the TV
-proximal step's FFT. The plain-torch tail (``ddfm_fast.sampler.step_tail_torch``) runs several dozen torch
+proximal step's FFT. The plain-torch tail (``ddfm_fast.step.step_tail_torch``) runs several dozen torch
 ops, each a pass over one or more planes; this module runs three Triton kernels and three torch ops:
 
     kernel A  (_em_pre_kernel)   x_t, eps -> x0 = clamp(c1 x_t - c2 eps) -> f_pre = Y(x0)/255          (Eq. 3)

@@ -21,7 +21,7 @@ def test_matrices_are_the_official_values(golden):
 
 
 def test_forward_bitwise(golden):
-    # Bitwise: the FMA emulation reproduces the reference build's float32 matmul exactly (README §6.3).
+    # Bitwise: the FMA emulation reproduces the reference build's float32 matmul exactly (the goldens' color.npz).
     torch.testing.assert_close(color.rgb_to_ycbcr(golden["rgb_in"]), golden["ycbcr_raw"], rtol=0, atol=0)
     torch.testing.assert_close(color.luminance_for_em(golden["rgb_in"]), golden["ycbcr_div255"], rtol=0, atol=0)
 

@@ -64,7 +64,7 @@ def test_em_chain_matches_official(em_golden, case):
         for name, ours in out.items():
             key = f"{case}/out/{name}_step{step}"
             if key not in em_golden:
-                continue  # case5 stores less (reference README §1)
+                continue  # case5 stores fewer state arrays (see em_onestep.npz)
             ref = _t(em_golden, key)
             if name in ("C", "D"):
                 torch.testing.assert_close(ours, ref, rtol=RTOL_CD, atol=0, msg=lambda m: f"{key}: {m}")

@@ -139,7 +139,7 @@ def test_em_chain_matches_oracle_and_goldens(em_golden, case):
         for name, ours in golden.items():
             gkey = f"{case}/out/{name}_step{step}"
             if gkey not in em_golden:
-                continue  # case5 stores less (reference README §1)
+                continue  # case5 stores fewer state arrays (see em_onestep.npz)
             if name in ("C", "D"):
                 _close_cd(ours, _t(em_golden, gkey), gkey, RTOL_CD_GOLDEN, feedback=case == "case5")
             else:

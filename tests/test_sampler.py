@@ -62,7 +62,7 @@ def test_ten_step_intermediates(run10, sampler_golden):
         assert rec["tau_a"].item() == pytest.approx(float(g["ddim10/tau_a"][j]), rel=1e-4)
         assert rec["tau_b"].item() == pytest.approx(float(g["ddim10/tau_b"][j]), rel=1e-4)
     torch.testing.assert_close(result.sample, _t(g, "ddim10/final"), rtol=0, atol=ATOL)
-    # At idx 0, ac_prev = 1: the output is x0' itself (reference README §6.1).
+    # At idx 0, ac_prev = 1: the output is x0' itself (the official loop returns x_prev there).
     torch.testing.assert_close(records[-1]["x_prev"], records[-1]["x0"], rtol=0, atol=0)
 
 
