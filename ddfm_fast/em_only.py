@@ -18,7 +18,7 @@ here f_0 = (I + V) / 2 is taken in the sources' own [-1, 1] scale, and because F
 iteration f_{k+1} = F_k never leaves it (in the sampler, too, a rectified Y = F passes back through
 RGB -> Y / 255 unchanged when x0' is not clipped). The final min-max stretch makes the output independent of any
 affine rescaling of F, so only f_0's relation to I and V matters, and (I + V) / 2 in [-1, 1] is the one
-and the ablation describe ("the average of the sources").
+the ablation describes ("the average of the sources").
 
 F is not clamped between iterations (the sampler clamps the network's x0 prediction, which does not exist here).
 
