@@ -11,10 +11,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+import os
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from ddfm_fast import io
@@ -47,14 +49,20 @@ class FusionResult:
     luma: np.ndarray
     sample: torch.Tensor
     plan: Optional[ExecutionPlan] = None  # how the step ran (None for EM-only fusion, which has no UNet step)
+    color: Optional[np.ndarray] = None  # (H, W, 3) uint8: the fused luminance with a source's chroma (color=...)
 
     @property
     def size(self) -> tuple[int, int]:
         return self.fused.shape[0], self.fused.shape[1]
 
+    @property
+    def image(self) -> np.ndarray:
+        """What :meth:`save` writes: the colour image when one was asked for, else the official 8-bit gray."""
+        return self.color if self.color is not None else self.fused
+
     def save(self, path: Union[str, Path]) -> Path:
-        """Write the 8-bit fused image as PNG, atomically."""
-        return io.save_png(self.fused, path)
+        """Write :attr:`image` as PNG, atomically."""
+        return io.save_png(self.image, path)
 
 
 def default_device() -> torch.device:
@@ -87,12 +95,93 @@ def resolve_model(
         warnings.warn(
             f"ddfm-fast: using the shipped prior '{DEFAULT_PRIOR}' ({PRESETS[DEFAULT_PRIOR].description.split(';')[0]}); "
             "for the paper's model pass model='adm256-uncond' (CLI: --checkpoint adm256-uncond)",
-            DefaultPriorNotice, stacklevel=3,
+            DefaultPriorNotice, stacklevel=caller_stacklevel(),
         )
         return load_model(path, device=device, dtype=dtype)
     if isinstance(model, nn.Module):
-        return model.to(device)
+        where = next(iter(model.parameters()), torch.empty(0, device=device)).device
+        if where != torch.device(device) and not (where.type == torch.device(device).type == "cuda"
+                                                  and torch.device(device).index is None):
+            raise ValueError(f"the model is on {where} but device={str(device)!r}; move it first "
+                             f"(model.to({str(device)!r})) or pass device={str(where)!r}")
+        return model
     return load_model(model, config=model_config, device=device, dtype=dtype)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside ddfm-fast and torch's wrappers."""
+    import inspect
+
+    package = str(Path(__file__).resolve().parent)
+    torch_dir = str(Path(torch.__file__).resolve().parent)
+    frame, level = inspect.currentframe(), 0
+    while frame is not None:
+        name = str(Path(frame.f_code.co_filename).resolve()) if not frame.f_code.co_filename.startswith("<") \
+            else frame.f_code.co_filename
+        if level > 0 and not name.startswith(package) and not name.startswith(torch_dir):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
+
+
+def split_images(src: Any, name: str) -> list[Any]:
+    """The images one ``fuse()`` argument holds: a list/tuple of images, a batched tensor (N, C, H, W) or array
+    (N, H, W, C), or one image (path, PIL image, array (H, W) / (H, W, 3), tensor (H, W) / (C, H, W))."""
+    if isinstance(src, (list, tuple)):
+        return [one for item in src for one in split_images(item, name)]
+    if isinstance(src, torch.Tensor):
+        t = src.detach().cpu()
+        if t.ndim == 4:
+            return [_chw_to_hwc(x, name) for x in t]
+        if t.ndim == 3:
+            return [_chw_to_hwc(t, name)]
+        if t.ndim == 2:
+            return [t.numpy()]
+        raise ValueError(f"{name}: a tensor image must be (H, W), (C, H, W) or (N, C, H, W), got {tuple(t.shape)}")
+    if isinstance(src, np.ndarray) and src.ndim == 4:
+        return list(src)
+    return [src]
+
+
+def _chw_to_hwc(t: torch.Tensor, name: str) -> np.ndarray:
+    if t.shape[0] not in (1, 3):
+        raise ValueError(f"{name}: a (C, H, W) tensor needs C = 1 or 3 channels, got {tuple(t.shape)} (an (H, W, C) "
+                         "image goes in as a numpy array)")
+    arr = t.permute(1, 2, 0).numpy()
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def _rgb8(src: Any, name: str) -> np.ndarray:
+    """A source as (H, W, 3) uint8 for colour output."""
+    if isinstance(src, (str, os.PathLike, Image.Image)):
+        return io.read_rgb8(src, name=name)
+    arr = np.asarray(src)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return np.round(arr / 257.0).astype(np.uint8)
+    return np.clip(np.rint(arr.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+ColorChoice = Union[bool, Literal["vis", "ir"], None]
+
+
+def colour_source(ir: Any, vis: Any, color: ColorChoice) -> Optional[np.ndarray]:
+    """The RGB image whose chroma the colour output keeps: ``"vis"``, ``"ir"``, or for ``True`` the visible image
+    when it has colour, else the infrared / functional one (a PET or SPECT map in medical fusion)."""
+    if not color:
+        return None
+    if color not in (True, "vis", "ir"):
+        raise ValueError(f"color must be True, False, 'vis' or 'ir', got {color!r}")
+    if color == "ir":
+        return _rgb8(ir, "ir")
+    vis_rgb = _rgb8(vis, "vis")
+    if color == "vis" or io.has_chroma(vis_rgb):
+        return vis_rgb
+    return _rgb8(ir, "ir")
 
 
 def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
@@ -110,28 +199,44 @@ class PreparedPair:
 
     anchor: torch.Tensor  # I: (1, 1, h, w) in [-1, 1], the visible / MRI image
     partner: torch.Tensor  # V: (1, 1, h, w) in [-1, 1], the infrared / functional image
-    out_hw: tuple[int, int]
+    out_hw: tuple[int, int]  # the output's (H, W)
+    in_hw: tuple[int, int] = (0, 0)  # both sources' (H, W) after any resize, before the size policy
 
 
-def prepare_pair(ir: io.ImageInput, vis: io.ImageInput, size_policy: io.SizePolicy) -> PreparedPair:
-    """Read both images as the official driver does, check their sizes agree, apply the size policy."""
+def prepare_pair(ir: io.ImageInput, vis: io.ImageInput, size_policy: io.SizePolicy, *,
+                 resize: Optional[Literal["ir", "vis"]] = None) -> PreparedPair:
+    """Read both images as the official driver does, check their sizes agree (or resize), apply the size policy."""
     ir_gray = io.read_gray(ir, name="ir")
     vis_gray = io.read_gray(vis, name="vis")
-    return prepare_arrays(ir_gray, vis_gray, size_policy, ir_name=_describe(ir), vis_name=_describe(vis))
+    return prepare_arrays(ir_gray, vis_gray, size_policy, ir_name=_describe(ir), vis_name=_describe(vis),
+                          resize=resize)
 
 
 def prepare_arrays(ir_gray: np.ndarray, vis_gray: np.ndarray, size_policy: io.SizePolicy, *,
-                   ir_name: str = "ir", vis_name: str = "vis") -> PreparedPair:
-    """:func:`prepare_pair` for gray arrays in [0, 1] that were already read."""
+                   ir_name: str = "ir", vis_name: str = "vis",
+                   resize: Optional[Literal["ir", "vis"]] = None) -> PreparedPair:
+    """:func:`prepare_pair` for gray arrays in [0, 1] that were already read.
+
+    ``resize="ir"`` brings the visible image to the infrared one's size, ``"vis"`` the other way; None makes a
+    size mismatch an error.
+    """
     if ir_gray.shape != vis_gray.shape:
-        raise ValueError(
-            f"the two images differ in size: ir {ir_name} is {ir_gray.shape[1]}x{ir_gray.shape[0]}, "
-            f"vis {vis_name} is {vis_gray.shape[1]}x{vis_gray.shape[0]} (width x height)"
-        )
+        if resize == "ir":
+            vis_gray = io.resize_gray(vis_gray, ir_gray.shape)
+        elif resize == "vis":
+            ir_gray = io.resize_gray(ir_gray, vis_gray.shape)
+        elif resize is None:
+            raise ValueError(
+                f"the two images differ in size: ir {ir_name} is {ir_gray.shape[1]}x{ir_gray.shape[0]}, "
+                f"vis {vis_name} is {vis_gray.shape[1]}x{vis_gray.shape[0]} (width x height); pass resize='ir' "
+                "or resize='vis' (CLI: --resize-to-ir / --resize-to-vis) or fix the inputs"
+            )
+        else:
+            raise ValueError(f"resize must be None, 'ir' or 'vis', got {resize!r}")
     _, out_hw = io.model_size(ir_gray.shape, size_policy)
     anchor = io.apply_size_policy(io.to_model_range(vis_gray), size_policy)
     partner = io.apply_size_policy(io.to_model_range(ir_gray), size_policy)
-    return PreparedPair(anchor, partner, out_hw)
+    return PreparedPair(anchor, partner, out_hw, tuple(ir_gray.shape))
 
 
 def _describe(src: Any) -> str:
@@ -179,7 +284,6 @@ _SAMPLERS: dict[tuple[SamplerConfig, AccelConfig], DDFMSampler] = {}
 _MAX_SAMPLERS = 4
 
 
-@torch.no_grad()
 def fuse(
     ir: Union[io.ImageInput, Sequence[io.ImageInput]],
     vis: Union[io.ImageInput, Sequence[io.ImageInput]],
@@ -190,13 +294,17 @@ def fuse(
     accel: Union[AccelConfig, str, None] = None,
     device: Union[str, torch.device, None] = None,
     callback: Optional[Callable[[StepOutput], None]] = None,
+    color: ColorChoice = False,
+    resize: Optional[Literal["ir", "vis"]] = None,
     **options: Any,
 ) -> Union[FusionResult, list[FusionResult]]:
     """Fuse an infrared (or functional) image with a visible (or MRI) image by DDFM.
 
     Args:
-        ir, vis: paths, PIL images or arrays; or two equal-length lists of them (fused as one batch per image
-            size, with one EM tau per image so that they do not influence each other).
+        ir, vis: one image each -- a path, a PIL image, a numpy array (H, W) or (H, W, 3) (uint8, uint16, or float
+            in [0, 1]), a tensor (H, W) or (C, H, W) -- or as many as you like: equal-length lists, or batched
+            tensors (N, C, H, W). Many pairs fuse as one batch per image size, with one EM tau per image so that
+            they do not influence each other.
         model: a loaded UNet, a checkpoint path or a preset name; None is the small prior shipped in the package.
         model_config: the model's ``create_model`` arguments (dict or JSON/YAML path) when the checkpoint lacks them.
         config: what to compute (:class:`~ddfm_fast.config.SamplerConfig`; default ``SamplerConfig()``:
@@ -205,6 +313,11 @@ def fuse(
             None is the faithful fp32 path. The caller's model is never modified.
         device: where to run; default CUDA when available, else CPU.
         callback: called after every step with a :class:`~ddfm_fast.sampler.StepOutput`.
+        color: also make a colour image (``FusionResult.color``; ``save()`` writes it): ``True`` keeps the chroma
+            of the visible image, or of the infrared / functional one when the visible image is gray (PET, SPECT);
+            ``"vis"`` / ``"ir"`` choose the source.
+        resize: for pairs of different sizes, ``"ir"`` resizes the visible image to the infrared one's size,
+            ``"vis"`` the other way (Pillow LANCZOS); None (default) makes a size mismatch an error.
         **options: fields of :class:`SamplerConfig` that override ``config`` (``steps=20``, ``seed=0``,
             ``prior="none"``, ``tv_prox="soft", tv_threshold=0.05``, ...).
 
@@ -213,18 +326,31 @@ def fuse(
     """
     cfg = (config or SamplerConfig()).replace(**options) if options else (config or SamplerConfig())
     accel_cfg = AccelConfig.preset(accel)
-    many = isinstance(ir, (list, tuple))
-    if many != isinstance(vis, (list, tuple)) or (many and len(ir) != len(vis)):
-        raise ValueError("ir and vis must both be single images or two lists of the same length")
-    irs, viss = (list(ir), list(vis)) if many else ([ir], [vis])
+    irs, viss = split_images(ir, "ir"), split_images(vis, "vis")
+    many = len(irs) != 1 or isinstance(ir, (list, tuple)) or (isinstance(ir, torch.Tensor) and ir.ndim == 4)
+    if len(irs) != len(viss):
+        raise ValueError(f"ir holds {len(irs)} image(s) and vis {len(viss)}; give one of each, or as many of both")
     if not irs:
         raise ValueError("no image pairs given")
     if cfg.prior == "none" and model is not None:
         raise ValueError("prior='none' is EM only (ablation I) and uses no model; do not pass a model/checkpoint")
-    dev = check_device(device) if device is not None else default_device()
-    pairs = [prepare_pair(a, b, cfg.size_policy) for a, b in zip(irs, viss)]
-    net = None if cfg.prior == "none" else resolve_model(model, model_config=model_config, device=dev)
-    results = fuse_prepared(pairs, cfg, accel_cfg, net, dev, callback=callback)
+    if device is not None:
+        dev = check_device(device)
+    elif isinstance(model, nn.Module):
+        dev = next(iter(model.parameters()), torch.empty(0)).device
+    else:
+        dev = default_device()
+    with torch.no_grad():
+        pairs = [prepare_pair(a, b, cfg.size_policy, resize=resize) for a, b in zip(irs, viss)]
+        net = None if cfg.prior == "none" else resolve_model(model, model_config=model_config, device=dev)
+        results = fuse_prepared(pairs, cfg, accel_cfg, net, dev, callback=callback)
+    if color:
+        for res, pair, a, b in zip(results, pairs, irs, viss):
+            source = colour_source(a, b, color)
+            assert source is not None
+            if source.shape[:2] != pair.in_hw:  # this source was resized to its partner's size
+                source = io.resize_rgb8(source, pair.in_hw)
+            res.color = io.colorize(res.fused, source[: res.size[0], : res.size[1]])  # crop policy: top-left
     return results if many else results[0]
 
 

@@ -99,7 +99,7 @@ def check_device(device: torch.device | str) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise BackendError(f"device {str(device)!r}: CUDA is not available (this torch build is "
-                               f"{torch.__version__}, CUDA {torch.version.cuda or 'none'}); use --device cpu")
+                               f"{torch.__version__}, CUDA {torch.version.cuda or 'none'}); use device 'cpu' (--device cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise BackendError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
         return dev
