@@ -119,3 +119,14 @@ def test_config_and_keyword_overrides_are_one_type(pair):
     np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError, match="unexpected keyword"):
         ddfm_fast.fuse(ir, vis, lambda_=0.4, **EM3)
+
+
+@pytest.mark.parametrize("kind, size", [("ivf", (480, 640)), ("mif", (256, 256))])
+def test_the_shipped_examples_fuse(kind, size):
+    from ddfm_fast.samples import example_pair
+
+    ir, vis = example_pair(kind)
+    res = ddfm_fast.fuse(ir, vis, color=True, **EM3)
+    assert res.size == size and res.color is not None
+    with pytest.raises(ValueError, match="unknown example"):
+        example_pair("xray")
