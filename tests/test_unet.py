@@ -25,7 +25,7 @@ from ddfm_fast.unet import (
 # another machine, whose conv/matmul kernels sum in other orders. The bound is derived from the network's shape
 # (tests/numerics.py: 1.5e-4 here); measured: 6.3e-6 to 1.1e-5 on an AVX-512 EPYC (1-2 threads, oneDNN on or
 # off, AVX2 or default kernels), 1.7e-5 on an AVX2-only EPYC. The official UNetModel run in the same process
-# is checked much tighter in tests/test_upstream.py where a clone is available.
+# is checked bitwise (SDPA's math kernel) in tests/test_upstream.py where a clone is available.
 
 
 @pytest.fixture(scope="module")
