@@ -206,6 +206,12 @@ class PreparedPair:
 def prepare_pair(ir: io.ImageInput, vis: io.ImageInput, size_policy: io.SizePolicy, *,
                  resize: Optional[Literal["ir", "vis"]] = None) -> PreparedPair:
     """Read both images as the official driver does, check their sizes agree (or resize), apply the size policy."""
+    if resize is None:
+        # From the headers, before either image is decoded, so a mismatch costs nothing to report. Sizes equal up to
+        # a quarter turn wait for the decode, which knows the EXIF orientation for certain.
+        ir_wh, vis_wh = io.image_size(ir), io.image_size(vis)
+        if sorted(ir_wh) != sorted(vis_wh):
+            raise _size_mismatch(_describe(ir), ir_wh, _describe(vis), vis_wh)
     ir_gray = io.read_gray(ir, name="ir")
     vis_gray = io.read_gray(vis, name="vis")
     return prepare_arrays(ir_gray, vis_gray, size_policy, ir_name=_describe(ir), vis_name=_describe(vis),
@@ -226,11 +232,7 @@ def prepare_arrays(ir_gray: np.ndarray, vis_gray: np.ndarray, size_policy: io.Si
         elif resize == "vis":
             ir_gray = io.resize_gray(ir_gray, vis_gray.shape)
         elif resize is None:
-            raise ValueError(
-                f"the two images differ in size: ir {ir_name} is {ir_gray.shape[1]}x{ir_gray.shape[0]}, "
-                f"vis {vis_name} is {vis_gray.shape[1]}x{vis_gray.shape[0]} (width x height); pass resize='ir' "
-                "or resize='vis' (CLI: --resize-to-ir / --resize-to-vis) or fix the inputs"
-            )
+            raise _size_mismatch(ir_name, ir_gray.shape[::-1], vis_name, vis_gray.shape[::-1])
         else:
             raise ValueError(f"resize must be None, 'ir' or 'vis', got {resize!r}")
     _, out_hw = io.model_size(ir_gray.shape, size_policy)
@@ -239,8 +241,16 @@ def prepare_arrays(ir_gray: np.ndarray, vis_gray: np.ndarray, size_policy: io.Si
     return PreparedPair(anchor, partner, out_hw, tuple(ir_gray.shape))
 
 
+def _size_mismatch(ir_name: str, ir_wh: Sequence[int], vis_name: str, vis_wh: Sequence[int]) -> ValueError:
+    return ValueError(
+        f"the two images differ in size: ir {ir_name} is {ir_wh[0]}x{ir_wh[1]}, vis {vis_name} is "
+        f"{vis_wh[0]}x{vis_wh[1]} (width x height); pass resize='ir' or resize='vis' (CLI: --resize-to-ir / "
+        "--resize-to-vis) or fix the inputs"
+    )
+
+
 def _describe(src: Any) -> str:
-    return str(src) if isinstance(src, (str, Path)) else f"<{type(src).__name__}>"
+    return io.display_name(src) if isinstance(src, (str, bytes, Path)) else f"<{type(src).__name__}>"
 
 
 def postprocess_luma(F: torch.Tensor, out_hw: tuple[int, int]) -> FusionResult:

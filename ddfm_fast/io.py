@@ -1,9 +1,13 @@
-"""Image input and output with the official driver's conventions (reference README §6.5), and atomic writes.
+"""Image input and output with the official driver's conventions (its ``sample.py``), and atomic writes.
 
 Reading (``sample.py``): OpenCV decodes to BGR, converts to float32 and to gray with ``BGR2GRAY``, rounds, and
 scales by 1/255, then to [-1, 1]. We decode with Pillow (EXIF orientation applied, as OpenCV's ``imread``
-does) and reproduce OpenCV's float32 arithmetic exactly (see :func:`gray_bgr2gray`). 16-bit images are scaled
-by 1/65535 and keep their full precision.
+does) and reproduce OpenCV's float32 arithmetic exactly (see :func:`gray_bgr2gray`). 16-bit images, gray or
+colour, are scaled by 1/65535 and keep their full precision.
+
+Hostile or odd inputs: every file is checked from its header before it is decoded (a pixel cap of ddfm-fast's
+own, :func:`pixel_cap`; one frame only), and every failure to read is an :class:`ImageReadError` with a one-line
+message that names the file (:func:`open_image`).
 
 Output: the last x0' -> OpenCV ``RGB2YCrCb`` luminance -> min-max to [0, 255] -> PNG through the rounding
 that the reference-era imageio applied (:func:`to_uint8_official`).
@@ -11,25 +15,36 @@ that the reference-era imageio applied (:func:`to_uint8_official`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import stat
+import sys
 import tempfile
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Union
+from typing import Any, BinaryIO, Iterator, Literal, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+ImageInput = Union[str, bytes, os.PathLike, Image.Image, np.ndarray, torch.Tensor, "DecodedImage"]
 SizePolicy = Literal["pad", "crop"]
 
 _F32 = np.float32
 
 
+# The image files every command reads (fuse, eval, compare, score, train-prior): the formats Pillow decodes for
+# read_gray / read_rgb8 (tests/test_pairing.py reads one of each). Matched on the lower-cased suffix.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".gif")
+
+
 class ImageReadError(ValueError):
-    """An input image that cannot be used; the message names the file and the problem."""
+    """An input image that cannot be used; the message is one line that names the file and the problem."""
 
 
 def _fma32(x: np.ndarray, c: float, acc: np.ndarray) -> np.ndarray:
@@ -53,59 +68,486 @@ def luma_rgb2ycrcb(rgb: np.ndarray) -> np.ndarray:
     return _fma32(r, 0.299, _fma32(g, 0.587, b * _F32(0.114)))
 
 
-def _open(path: Path) -> Image.Image:
-    if not path.exists():
-        raise ImageReadError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageReadError(f"{path}: is a folder, expected an image file")
-    try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ImageReadError(f"{path}: cannot be read as an image ({exc})") from exc
-    return ImageOps.exif_transpose(img)
+# --------------------------------------------------------------------------------------------------- files
+
+class FileProblem(ValueError):
+    """A path that cannot be read as a regular file; ``reason`` says why in words, without the file name."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
-def _pil_to_unit_gray(img: Image.Image, name: str) -> np.ndarray:
-    """A decoded image -> gray float32 in [0, 1] with the official rounding (8-bit) or full precision (16-bit)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        if arr.max(initial=0) > 65535 or arr.min(initial=0) < 0:
-            raise ImageReadError(f"{name}: 32-bit integer image with values outside 0..65535")
-        return (arr / 65535.0).astype(_F32)
-    if img.mode == "F":
-        raise ImageReadError(f"{name}: floating-point images are not supported; save it as 8- or 16-bit")
-    # cv2.imread(IMREAD_COLOR) drops alpha and expands gray and palette images to three equal channels.
-    rgb = np.asarray(img.convert("RGB"), dtype=_F32)
-    gray = np.round(gray_bgr2gray(rgb))
-    return gray / _F32(255.0)  # float32 / Python float stays float32 in numpy, as in sample.py
+def display_name(path: Union[str, bytes, os.PathLike]) -> str:
+    """A file name as one printable line: bytes that are not UTF-8 as ``\\xNN``, control characters escaped.
 
-
-def read_gray(src: ImageInput, name: str | None = None) -> np.ndarray:
-    """Read one source image as the official driver does: (H, W) float32 gray in [0, 1].
-
-    ``src`` may be a path, a PIL image, a uint8/uint16 array (H, W) or (H, W, 3) in RGB order, or a float array
-    already in [0, 1]. Arrays of other types, NaN, or values outside the range are clear errors.
+    Error messages name files this way, so a name with a newline or undecodable bytes cannot break a one-line
+    message or the terminal's encoding.
     """
-    if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        return _pil_to_unit_gray(_open(path), str(path))
+    text = os.fsdecode(path)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from an undecodable byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _os_reason(path: Union[str, bytes, os.PathLike], exc: OSError) -> str:
+    """What an OSError from stat/open means for the user, without the file name."""
+    code = exc.errno
+    if code == errno.ENOENT:
+        return "is a broken symbolic link (its target does not exist)" if os.path.islink(path) else "no such file"
+    if code == errno.ELOOP:
+        return "is a symbolic link loop (or a chain of too many links)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if code == errno.ENOTDIR:
+        return "a part of its path is a file, not a folder"
+    if code == errno.ENAMETOOLONG:
+        return "its name is too long"
+    if code == errno.EISDIR:
+        return "is a folder, expected a file"
+    return f"cannot be opened ({exc.strerror or type(exc).__name__})"
+
+
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "is a folder, expected a file"),
+    (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file"),
+    (stat.S_ISSOCK, "is a socket, not a regular file"),
+    (stat.S_ISCHR, "is a character device, not a regular file"),
+    (stat.S_ISBLK, "is a block device, not a regular file"),
+)
+
+
+def _kind_problem(st: os.stat_result) -> str | None:
+    for is_kind, words in _NOT_REGULAR:
+        if is_kind(st.st_mode):
+            return words
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_size == 0:
+        return "is empty (0 bytes)"
+    return None
+
+
+def open_regular_file(path: Union[str, bytes, os.PathLike]) -> BinaryIO:
+    """Open a non-empty regular file for reading, or raise :class:`FileProblem` saying why it is not one.
+
+    A FIFO, socket or device is refused from ``stat`` before it is opened (opening a FIFO blocks until a writer
+    comes; opening some devices does something), the open itself never blocks (``O_NONBLOCK``), and the opened
+    descriptor is checked again, so a file swapped for something else in between is caught too.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise FileProblem(_os_reason(path, exc)) from None
+    except ValueError:  # os.stat refuses names with a NUL character
+        raise FileProblem("its name contains a NUL character") from None
+    problem = _kind_problem(st)
+    if problem:
+        raise FileProblem(problem)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise FileProblem(_os_reason(path, exc)) from None
+    try:
+        problem = _kind_problem(os.fstat(fd))
+        if problem:
+            raise FileProblem(problem)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------- limits
+
+DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: 80 times the largest dev image (1024x768); a 64 MP pair needs ~GBs to fuse
+MAX_PIXELS_ENV = "DDFM_FAST_MAX_PIXELS"
+
+
+def pixel_cap(limit: int | None = None) -> int:
+    """The most pixels (width x height) an input image may have: ``limit`` when given, else the environment
+    variable ``DDFM_FAST_MAX_PIXELS``, else 64 MP (:data:`DEFAULT_MAX_PIXELS`).
+
+    The cap is checked from a file's header before anything is decoded, so a small file whose header claims a
+    huge image is refused at once instead of filling the memory. Raises ``ValueError`` for a cap that is not a
+    whole number >= 1.
+    """
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+            raise ValueError(f"max_pixels must be a whole number of pixels >= 1, got {limit!r}")
+        return int(limit)
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    if not re.fullmatch(r"[0-9][0-9_]*", text) or int(text.replace("_", "")) < 1:
+        raise ValueError(f"{MAX_PIXELS_ENV}={text!r} is not a whole number of pixels >= 1 "
+                         f"(the largest input image ddfm-fast reads; default {DEFAULT_MAX_PIXELS})")
+    return int(text.replace("_", ""))
+
+
+def _too_big(label: str, w: int, h: int, cap: int) -> ImageReadError:
+    return ImageReadError(
+        f"{label}: its header says {w}x{h} = {w * h} pixels, more than ddfm-fast's cap of {cap} ({cap / 1e6:g} MP); "
+        f"nothing was decoded. If the image is real, raise the cap with {MAX_PIXELS_ENV}=N or max_pixels=N"
+    )
+
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pillow_limit_lifted() -> Iterator[None]:
+    """Pillow's own decompression-bomb check off, while ddfm-fast applies its cap from the header instead.
+
+    Pillow warns (``DecompressionBombWarning``) above ``Image.MAX_IMAGE_PIXELS`` (89 MP) and raises above twice
+    that, whatever cap the caller asked for. The limit is a module global of Pillow's, so it is lifted under a lock
+    and restored at once: only a header parse runs with it lifted (microseconds), and a decode only when the cap
+    asked for is above Pillow's own limit (and that decode was checked against the cap first).
+    """
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _above_pillow_limit(pixels: int) -> bool:
+    limit = Image.MAX_IMAGE_PIXELS
+    return limit is not None and pixels > limit
+
+
+# --------------------------------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One decoded input image at its own precision (what :func:`open_image` returns; the readers take it).
+
+    ``pixels``: (H, W, 3) uint8 RGB for 8-bit files (gray and palette images expanded, alpha dropped, as OpenCV's
+    ``imread`` does), (H, W) uint16 for 16-bit gray, (H, W, 3) uint16 for 16-bit colour. EXIF orientation applied.
+    """
+
+    pixels: np.ndarray
+    name: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(W, H), as PIL's ``Image.size``."""
+        return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's text on one line (Pillow's corrupt-file errors come in many types, some without text)."""
+    if isinstance(exc, MemoryError):
+        return "not enough memory to decode it"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"Pillow's decompression-bomb check refused it: {exc}"
+    text = " ".join(str(exc).split())
+    if not text:
+        text = "unexpected end of file" if isinstance(exc, EOFError) else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _read_error(label: str, exc: BaseException) -> ImageReadError:
+    return ImageReadError(f"{label}: cannot be read as an image ({_reason(exc)})")
+
+
+_MULTI_FRAME_KIND = {"GIF": ("an animated GIF", "frames"), "PNG": ("an animated PNG (APNG)", "frames"),
+                     "TIFF": ("a multi-page TIFF", "pages"), "WEBP": ("an animated WebP", "frames")}
+
+
+def _check_header(img: Image.Image, label: str, cap: int) -> None:
+    """Refuse, from the header alone, an image with no pixels, one above the pixel cap, or one of several frames."""
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageReadError(f"{label}: its header says {w}x{h}, an image without pixels")
+    if w * h > cap:
+        raise _too_big(label, w, h, cap)
+    with _pillow_limit_lifted():  # counting frames reads each frame's header (GIF), where Pillow checks sizes
+        frames = int(getattr(img, "n_frames", 1))
+    # An MPO file (a camera JPEG with a preview or depth image appended) is one picture: its first image is the
+    # primary one, which is what OpenCV's imread reads too.
+    if frames > 1 and img.format != "MPO":
+        kind, unit = _MULTI_FRAME_KIND.get(str(img.format), (f"a {img.format} file", "frames"))
+        raise ImageReadError(f"{label}: {kind} with {frames} {unit}; ddfm-fast reads one image per file, so save the "
+                             "frame to fuse as its own file")
+
+
+_GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _pil_pixels(img: Image.Image, label: str) -> np.ndarray:
+    """A decoded PIL image (orientation applied) -> the pixels of :class:`DecodedImage`."""
+    if img.mode in _GRAY16_MODES:
+        arr = np.asarray(img)
+        if img.mode == "I" and arr.size and (arr.max() > 65535 or arr.min() < 0):
+            raise ImageReadError(f"{label}: 32-bit integer image with values outside 0..65535")
+        return arr.astype(np.uint16)
+    if img.mode == "F":
+        raise ImageReadError(f"{label}: floating-point images are not supported; save it as 8- or 16-bit")
+    # cv2.imread(IMREAD_COLOR) drops alpha and expands gray and palette images to three equal channels.
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+# Raw modes of Pillow's decoders for 16-bit colour samples, which Pillow narrows to 8 bits (it has no 16-bit RGB
+# image mode): RGB, RGBA, RGBX (TIFF's unspecified extra sample), RGBa (premultiplied alpha), LA (gray + alpha,
+# PNG); B/L/N = big-endian, little-endian, native.
+_COLOUR16 = re.compile(r"(RGB|RGBA|RGBX|RGBa|LA);16([BLN])")
+_COLOUR16_CODECS = {"zip", "raw", "libtiff"}  # PNG, uncompressed TIFF, compressed TIFF: the rawmode picks the bytes
+
+
+def _tile_rawmode(tile: Any) -> str | None:
+    args = tile[3]
+    if isinstance(args, str):
+        return args
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+def _with_rawmode(tile: Any, rawmode: str) -> Any:
+    args = tile[3]
+    new = rawmode if isinstance(args, str) else (rawmode, *args[1:])
+    return tile._replace(args=new) if hasattr(tile, "_replace") else (tile[0], tile[1], tile[2], new)
+
+
+def _big_endian(order: str) -> bool:
+    return order == "B" or (order == "N" and sys.byteorder == "big")
+
+
+def _colour16(img: Image.Image, label: str) -> str | None:
+    """The raw mode of a file with 16-bit colour samples (read at full precision below), None for other files.
+
+    Refuses the 16-bit colour layouts that cannot be read at full precision, instead of narrowing them to 8 bits.
+    """
+    if img.mode not in ("RGB", "RGBA"):
+        return None
+    if any(t[0] in ("ppm", "ppm_plain") and isinstance(t[3], tuple) and len(t[3]) > 1 and int(t[3][1]) > 255
+           for t in img.tile):
+        return "ppm16"
+    rawmodes = {_tile_rawmode(t) for t in img.tile}
+    sixteen = sorted(r for r in rawmodes if r and _COLOUR16.fullmatch(r))
+    if not sixteen:
+        return None
+    if len(rawmodes) > 1:
+        raise ImageReadError(f"{label}: 16-bit colour stored in mixed layouts ({', '.join(map(str, rawmodes))}) "
+                             "cannot be read at full precision; save it as a 16-bit PNG")
+    rawmode = sixteen[0]
+    if rawmode.startswith("RGBa"):
+        raise ImageReadError(f"{label}: 16-bit colour with premultiplied alpha cannot be read at full precision; "
+                             "save it without alpha")
+    codecs = {str(t[0]) for t in img.tile}
+    if not codecs <= _COLOUR16_CODECS:
+        raise ImageReadError(f"{label}: 16-bit colour in a {img.format} file coded as {', '.join(sorted(codecs))} "
+                             "cannot be read at full precision; save it as a 16-bit PNG or TIFF")
+    return rawmode
+
+
+def _decode_colour16(fh: BinaryIO, img: Image.Image, rawmode: str, label: str) -> np.ndarray:
+    """Full-precision samples of a 16-bit colour file: (H, W, 3) uint16, or (H, W) uint16 for gray + alpha.
+
+    Pillow's decoders undo PNG filtering / TIFF compression on whole pixels, whose width in bytes the raw mode
+    fixes, and then keep one byte of each sample. Two raw modes of the same width keep the two bytes: "RGB;16B"
+    keeps bytes 0, 2, 4 of each 6-byte pixel and "RGB;16L" bytes 1, 3, 5. So the file is decoded twice, with its
+    own raw mode (the high bytes) and the mode of the other byte order (the low bytes). A 16-bit gray + alpha pixel
+    is 4 bytes, as wide as 8-bit RGBA, so one decode as "RGBA" hands over both bytes of the gray sample.
+    """
+    if rawmode == "ppm16":
+        return _decode_ppm16(fh, img, label)
+    base, order = rawmode.split(";16")
+    hi, lo = (0, 1) if _big_endian(order) else (1, 0)
+    if base == "LA":
+        img.tile = [_with_rawmode(t, "RGBA") for t in img.tile]
+        img.load()
+        b = np.asarray(ImageOps.exif_transpose(img))
+        return (b[..., hi].astype(np.uint16) << 8) | b[..., lo]
+    other = base + ";16" + ("L" if _big_endian(order) else "B")
+    layout = [tuple(t[:3]) for t in img.tile]  # load() clears the tiles
+    img.load()
+    high = np.asarray(ImageOps.exif_transpose(img))[..., :3]
+    with _pillow_limit_lifted():
+        again = Image.open(fh)
+    if again.size != img.size or [tuple(t[:3]) for t in again.tile] != layout:
+        raise ImageReadError(f"{label}: the file changed while it was read")
+    again.tile = [_with_rawmode(t, other) for t in again.tile]
+    again.load()
+    low = np.asarray(ImageOps.exif_transpose(again))[..., :3]
+    return (high.astype(np.uint16) << 8) | low
+
+
+def _decode_ppm16(fh: BinaryIO, img: Image.Image, label: str) -> np.ndarray:
+    """A binary PPM (P6) with more than 8 bits a sample: big-endian 16-bit samples after the header, scaled from
+    0..maxval to 0..65535 and rounded, as Pillow scales 16-bit PGM files."""
+    (codec, _, offset, args), = img.tile
+    if codec != "ppm":
+        raise ImageReadError(f"{label}: 16-bit colour in a plain-text PPM cannot be read at full precision; save it "
+                             "as a binary PPM (P6) or a 16-bit PNG")
+    w, h = img.size
+    maxval = int(args[1])
+    fh.seek(offset)
+    data = fh.read(w * h * 6)
+    if len(data) < w * h * 6:
+        raise ImageReadError(f"{label}: cannot be read as an image (image file is truncated)")
+    v = np.frombuffer(data, dtype=">u2").reshape(h, w, 3)
+    if v.max() > maxval:
+        raise ImageReadError(f"{label}: a sample is above the file's maxval {maxval}")
+    if maxval == 65535:
+        return v.astype(np.uint16)
+    return np.rint(v * (65535.0 / maxval)).astype(np.uint16)
+
+
+def _decode_file(path: Union[str, bytes, os.PathLike], cap: int) -> DecodedImage:
+    label = display_name(path)
+    try:
+        fh = open_regular_file(path)
+    except FileProblem as exc:
+        raise ImageReadError(f"{label}: {exc.reason}") from None
+    with fh:
+        try:
+            with _pillow_limit_lifted():
+                img = Image.open(fh)
+        except UnidentifiedImageError:
+            raise ImageReadError(f"{label}: not in an image format Pillow can read (PNG, JPEG, BMP, TIFF, WebP, GIF, "
+                                 "PNM, ...), or corrupt from its first bytes") from None
+        except Exception as exc:  # Pillow's plugins signal corrupt headers with many exception types
+            raise _read_error(label, exc) from exc
+        try:
+            _check_header(img, label, cap)
+            rawmode = _colour16(img, label)
+            w, h = img.size
+            with _pillow_limit_lifted() if _above_pillow_limit(w * h) else nullcontext():
+                if rawmode is not None:
+                    pixels = _decode_colour16(fh, img, rawmode, label)
+                else:
+                    img.load()
+                    pixels = _pil_pixels(ImageOps.exif_transpose(img), label)
+        except ImageReadError:
+            raise
+        except Exception as exc:  # corrupt data: OSError, SyntaxError, ValueError, EOFError, struct.error, ...
+            raise _read_error(label, exc) from exc
+        finally:
+            img.close()
+    return DecodedImage(pixels, label)
+
+
+def _is_path(src: Any) -> bool:
+    return isinstance(src, (str, bytes, os.PathLike))
+
+
+def open_image(path: Union[str, bytes, os.PathLike], *, max_pixels: int | None = None) -> DecodedImage:
+    """Decode an image file once, at its own precision; :func:`read_gray`, :func:`read_rgb` and :func:`read_rgb8`
+    take the result, so one decode serves the gray input and the colour output.
+
+    Checked from the header before anything is decoded: the pixel cap (:func:`max_pixels`), a size of at least
+    1x1, and a single frame (animated GIF / PNG / WebP and multi-page TIFF files are refused). 16-bit colour is
+    read at full precision. Every failure is an :class:`ImageReadError` whose one-line message names the file:
+    missing, a folder, a FIFO or device, a broken or looping symbolic link, empty, unreadable, not an image,
+    truncated or corrupt. EXIF orientation is applied, as OpenCV's ``imread`` does.
+    """
+    return _decode_file(path, pixel_cap(max_pixels))
+
+
+def image_size(src: Any) -> tuple[int, int]:
+    """(W, H) of an input without decoding it: a file's header, a PIL image's size or an array's (H, W, ...) shape.
+
+    For files, EXIF orientation is applied when the header carries it (a PNG's eXIf chunk may come after the image
+    data, where only a decode finds it: compare sizes up to a rotation). Raises :class:`ImageReadError` naming a
+    file that cannot be opened or identified.
+    """
+    if isinstance(src, DecodedImage):
+        return src.size
+    if isinstance(src, Image.Image):
+        w, h = src.size
+        return (h, w) if _orientation(src) in _QUARTER_TURNS else (w, h)
+    if isinstance(src, (np.ndarray, torch.Tensor)):
+        if src.ndim < 2:
+            raise ImageReadError(f"expected an (H, W) or (H, W, 3) array, got shape {tuple(src.shape)}")
+        return int(src.shape[1]), int(src.shape[0])
+    if not _is_path(src):
+        raise TypeError(f"expected a path, a PIL image or an array, got {type(src).__name__}")
+    label = display_name(src)
+    try:
+        fh = open_regular_file(src)
+    except FileProblem as exc:
+        raise ImageReadError(f"{label}: {exc.reason}") from None
+    with fh:
+        try:
+            with _pillow_limit_lifted():
+                img = Image.open(fh)
+                w, h = img.size
+                turned = _orientation(img) in _QUARTER_TURNS
+                img.close()
+        except UnidentifiedImageError:
+            raise ImageReadError(f"{label}: not in an image format Pillow can read (PNG, JPEG, BMP, TIFF, WebP, GIF, "
+                                 "PNM, ...), or corrupt from its first bytes") from None
+        except Exception as exc:
+            raise _read_error(label, exc) from exc
+    return (h, w) if turned else (w, h)
+
+
+_QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation a header carries (1 when none or unreadable), without decoding the image."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1  # PngImageFile.getexif() decodes the whole image to look for an eXIf chunk after the data
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # a corrupt EXIF block: the decode reports what is wrong with it, if anything
+        return 1
+
+
+def _pixels_of(src: Any, name: str | None, cap: int) -> tuple[np.ndarray, str]:
+    """The pixels of a path, PIL image or :class:`DecodedImage`; arrays are returned as they are."""
+    if isinstance(src, DecodedImage):
+        return src.pixels, name or src.name
+    if _is_path(src):
+        decoded = _decode_file(src, cap)
+        return decoded.pixels, decoded.name
     label = name or "image"
     if isinstance(src, Image.Image):
-        return _pil_to_unit_gray(ImageOps.exif_transpose(src), label)
+        w, h = src.size
+        if w * h > cap:
+            raise _too_big(label, w, h, cap)
+        try:
+            return _pil_pixels(ImageOps.exif_transpose(src), label), label
+        except ImageReadError:
+            raise
+        except Exception as exc:  # a lazily opened image decodes here
+            raise _read_error(label, exc) from exc
     if isinstance(src, torch.Tensor):
         src = src.detach().cpu().numpy()
     if not isinstance(src, np.ndarray):
         raise TypeError(f"{label}: expected a path, a PIL image or an array, got {type(src).__name__}")
-    arr = src
+    return src, label
+
+
+def read_gray(src: ImageInput, name: str | None = None, *, max_pixels: int | None = None) -> np.ndarray:
+    """Read one source image as the official driver does: (H, W) float32 gray in [0, 1].
+
+    ``src`` may be a path, a PIL image, a :class:`DecodedImage`, a uint8/uint16 array (H, W) or (H, W, 3) in RGB
+    order, or a float array already in [0, 1]. Arrays of other types, NaN, or values outside the range are clear
+    errors. 8-bit data: OpenCV's float32 BGR2GRAY, rounded, / 255 (bitwise as ``sample.py``). 16-bit data, gray
+    or colour: the same weights at full precision, / 65535, not rounded. Files are read by :func:`open_image`
+    (pixel cap, one frame, one-line errors).
+    """
+    arr, label = _pixels_of(src, name, pixel_cap(max_pixels))
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = arr[..., :3]
     elif arr.ndim != 2:
         raise ImageReadError(f"{label}: expected an (H, W) or (H, W, 3) array, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ImageReadError(f"{label}: an image without pixels (shape {arr.shape})")
     if arr.dtype == np.uint8:
         rgb = arr.astype(_F32) if arr.ndim == 3 else None
         gray = np.round(gray_bgr2gray(rgb)) if rgb is not None else arr.astype(_F32)
-        return gray / _F32(255.0)
+        return gray / _F32(255.0)  # float32 / Python float stays float32 in numpy, as in sample.py
     if arr.dtype == np.uint16:
         gray = arr.astype(np.float64) if arr.ndim == 2 else gray_bgr2gray(arr.astype(_F32)).astype(np.float64)
         return (gray / 65535.0).astype(_F32)
@@ -117,6 +559,23 @@ def read_gray(src: ImageInput, name: str | None = None) -> np.ndarray:
             raise ImageReadError(f"{label}: float arrays must be in [0, 1], got [{arr.min():.4g}, {arr.max():.4g}]")
         return arr if arr.ndim == 2 else gray_bgr2gray(arr)
     raise ImageReadError(f"{label}: unsupported array dtype {arr.dtype} (use uint8, uint16 or float in [0, 1])")
+
+
+def read_rgb(src: ImageInput, name: str | None = None, *, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image as (H, W, 3) RGB at its own precision: uint8 for 8-bit data, uint16 for 16-bit data.
+
+    Files are read by :func:`open_image` (EXIF orientation applied, alpha dropped as OpenCV's ``imread`` does,
+    gray and palette images expanded to three equal channels, 16-bit colour at full precision). Also takes a PIL
+    image, a :class:`DecodedImage` or a uint8/uint16 array (H, W) or (H, W, 3|4).
+    """
+    arr, label = _pixels_of(src, name, pixel_cap(max_pixels))
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or arr.size == 0:
+        raise ImageReadError(f"{label}: expected an (H, W) or (H, W, 3) image, got shape {arr.shape}")
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise ImageReadError(f"{label}: colour needs uint8 or uint16 data, got {arr.dtype}")
+    return np.ascontiguousarray(arr[..., :3])
 
 
 def to_model_range(gray01: np.ndarray) -> torch.Tensor:
@@ -138,7 +597,8 @@ def pad_amount(h: int, w: int, multiple: int = 32) -> tuple[int, int]:
 
 
 def reflect_pad_to_multiple(t: torch.Tensor, multiple: int = 32) -> torch.Tensor:
-    """Reflect-pad at the bottom and right to the next multiple (no pixel is lost, official issue #16).
+    """Reflect-pad at the bottom and right to the next multiple, so that no pixel is lost (the official crop drops
+    up to 31 rows and columns).
 
     Reflection needs the pad to be smaller than the side; for tiny images it is applied repeatedly.
     """
@@ -247,7 +707,6 @@ def save_png(array: np.ndarray, dest: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------------- extra outputs
 # Everything below serves the command line's optional outputs; the official path above does not use it.
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # ITU-T T.871 (JPEG) / BT.601 full-range YCbCr, as Pillow's "YCbCr" mode and OpenCV's YCrCb use it (8-bit data,
 # chroma offset 128). OpenCV rounds the same constants to 3 digits (0.713, 0.564 / 1.403, 1.773).
@@ -259,24 +718,11 @@ _RGB_FROM_YCBCR_FULL = np.array(
 )
 
 
-def read_rgb8(src: ImageInput, name: str | None = None) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB for colour output: EXIF orientation applied, alpha dropped (as
-    OpenCV's ``imread`` does), palette and gray images expanded, 16-bit data rounded to 8 bits (``v / 257``)."""
-    if isinstance(src, (str, os.PathLike)):
-        label, img = str(src), _open(Path(src))
-    elif isinstance(src, Image.Image):
-        label, img = name or "image", ImageOps.exif_transpose(src)
-    else:
-        raise TypeError(f"{name or 'image'}: read_rgb8 needs a path or a PIL image, got {type(src).__name__}")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        if arr.max(initial=0) > 65535 or arr.min(initial=0) < 0:
-            raise ImageReadError(f"{label}: 32-bit integer image with values outside 0..65535")
-        gray = np.round(arr / 257.0).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=-1)
-    if img.mode == "F":
-        raise ImageReadError(f"{label}: floating-point images are not supported; save it as 8- or 16-bit")
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+def read_rgb8(src: ImageInput, name: str | None = None, *, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB for colour output: :func:`read_rgb`, with 16-bit data (gray or colour)
+    rounded to 8 bits (``round(v / 257)``, so that 65535 stays white)."""
+    rgb = read_rgb(src, name, max_pixels=max_pixels)
+    return rgb if rgb.dtype == np.uint8 else np.round(rgb / 257.0).astype(np.uint8)
 
 
 def has_chroma(rgb: np.ndarray) -> bool:

@@ -1,0 +1,71 @@
+"""Image files written byte by byte for the reading tests: layouts Pillow cannot write (16-bit colour PNG and TIFF),
+and headers that lie about the image (a 100000 x 100000 PNG in a few hundred bytes).
+
+Each writer follows its format's specification (PNG: ISO/IEC 15948; TIFF 6.0 baseline) with no extras, so what a
+test reads back is exactly what it wrote.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (gray, gray+alpha, RGB, RGBA)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC-32 of type and data."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_ihdr(width: int, height: int, bit_depth: int = 8, color_type: int = 2) -> bytes:
+    return png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
+
+
+def png16(arr: np.ndarray) -> bytes:
+    """A 16-bit PNG of ``arr`` (H, W) or (H, W, C) uint16, C = 1..4; every row with filter type 0 (none)."""
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    h, w, c = arr.shape
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+    return (PNG_SIGNATURE + png_ihdr(w, h, 16, _PNG_COLOR_TYPE[c]) + png_chunk(b"IDAT", zlib.compress(raw))
+            + png_chunk(b"IEND", b""))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid-looking 8-bit RGB PNG header that claims ``width x height`` pixels, followed by one tiny row of data.
+
+    A few hundred bytes, whatever the claimed size: a reader that trusts the header allocates width*height*3 bytes.
+    """
+    row = zlib.compress(b"\0" * 64)
+    return PNG_SIGNATURE + png_ihdr(width, height) + png_chunk(b"IDAT", row) + png_chunk(b"IEND", b"")
+
+
+def tiff16(arr: np.ndarray, byteorder: str = "<", compression: int = 1) -> bytes:
+    """A one-strip 16-bit RGB TIFF of ``arr`` (H, W, 3) uint16: ``byteorder`` "<" (II) or ">" (MM); compression 1
+    (none) or 8 (Adobe deflate, which Pillow hands to libtiff)."""
+    h, w, c = arr.shape
+    assert c == 3
+    e = byteorder
+    data = arr.astype(e + "u2").tobytes()
+    if compression == 8:
+        data = zlib.compress(data)
+    bps_offset = 8 + len(data)
+    bps = struct.pack(e + "HHH", 16, 16, 16)
+    ifd_offset = bps_offset + len(bps)
+    ifd_offset += ifd_offset % 2  # IFDs start on a word boundary
+    tags = sorted([
+        (256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, bps_offset), (259, 3, 1, compression), (262, 3, 1, 2),
+        (273, 4, 1, 8), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1),
+    ])
+    out = (b"II*\0" if e == "<" else b"MM\0*") + struct.pack(e + "I", ifd_offset) + data + bps
+    out += b"\0" * (ifd_offset - len(out))
+    out += struct.pack(e + "H", len(tags))
+    for tag, typ, count, value in tags:
+        if typ == 3 and count == 1:  # a SHORT value sits left-justified in the 4-byte field
+            out += struct.pack(e + "HHIHH", tag, typ, count, value, 0)
+        else:
+            out += struct.pack(e + "HHII", tag, typ, count, value)
+    return out + struct.pack(e + "I", 0)
