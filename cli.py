@@ -36,6 +36,10 @@ main.add_command(download_command)
 main.add_command(score_command)
 main.add_command(bench_command)
 
+from ddfm_fast.cli_serve import serve_command  # noqa: E402
+
+main.add_command(serve_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
