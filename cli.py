@@ -14,6 +14,7 @@ import click
 @click.version_option(package_name="ddfm-fast")
 def main() -> None:
     """ddfm-fast: DDFM image fusion (Zhao et al., ICCV 2023), faithful and fast."""
+    from ddfm_fast._alloc import keep_freed_memory; keep_freed_memory(announce=True)  # noqa: E702 (glibc malloc)
 
 
 from ddfm_fast.cli_eval import eval_command, compare_command  # noqa: E402

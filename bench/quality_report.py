@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 import ddfm_fast  # noqa: E402
 from ddfm_fast import io  # noqa: E402
+from ddfm_fast.config import SamplerConfig  # noqa: E402
 from ddfm_fast.em_only import fuse_em_only, postprocess_em_only  # noqa: E402
 from ddfm_fast.metrics import evaluate, read_gray_eval  # noqa: E402
 from ddfm_fast.train import read_training_record  # noqa: E402
@@ -82,7 +83,7 @@ def _fuse_em(a: np.ndarray, b: np.ndarray, steps: int) -> tuple[np.ndarray, floa
     t0 = time.perf_counter()
     I = io.to_model_range(b / np.float32(255))  # noqa: E741  anchor = visible / MRI (official roles)
     V = io.to_model_range(a / np.float32(255))  # partner = infrared / functional
-    out = postprocess_em_only(fuse_em_only(I, V, steps=steps))
+    out = postprocess_em_only(fuse_em_only(I, V, SamplerConfig(prior="none", steps=steps)))
     return out, time.perf_counter() - t0
 
 

@@ -33,29 +33,41 @@ def _model_args(path: Optional[str]) -> dict[str, Any]:
               help="Folder of training images (searched recursively); repeat for several.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Output .safetensors (EMA weights + config + training record); FILE.state.pt holds the resume state.")
-@click.option("--steps", default=5000, show_default=True, help="Optimiser steps in total.")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--crop", default=64, show_default=True, help="Square random crop size in pixels.")
-@click.option("--lr", default=2e-4, show_default=True)
-@click.option("--warmup", default=100, show_default=True, help="Linear learning-rate warm-up steps.")
-@click.option("--ema-decay", default=0.999, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Optimiser steps in total.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--crop", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Square random crop size in pixels (a multiple of the model's downsample factor).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=1.0), default=2e-4, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Linear learning-rate warm-up steps.")
+@click.option("--ema-decay", type=click.FloatRange(min=0, max=1, max_open=True), default=0.999, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True)
 @click.option("--gray/--colour", "gray", default=False, show_default=True,
               help="Reduce colour images to gray (the fused luminance; how ddfm-small was trained) or keep their "
                    "colour (gray images are always replicated to 3 channels).")
 @click.option("--vflip/--no-vflip", default=False, show_default=True, help="Also flip crops vertically.")
-@click.option("--checkpoint-every", default=500, show_default=True, help="Save every N steps (0: only at the end).")
-@click.option("--max-minutes", type=float, default=None, help="Stop and save after this much training time.")
-@click.option("--default-steps", default=10, show_default=True, help="Sampling steps stored as the model's default.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Save every N steps (0: only at the end).")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop and save after this much training time.")
+@click.option("--default-steps", type=click.IntRange(min=1, max=1000), default=10, show_default=True,
+              help="Sampling steps stored as the model's default.")
+@click.option("--holdout-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Hold out every k-th image pair of --data (by dataset folder and stem) for evaluation; 0: none.")
+@click.option("--schedule-fraction", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
+              help="Share of training timesteps drawn from the --default-steps sampler schedule (rest uniform).")
+@click.option("--gamma-aug", type=click.FloatRange(min=0, max=2), default=0.0, show_default=True,
+              help="Random gamma exp(U(-g, g)) applied to each crop.")
 @click.option("--model-config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON of create_model arguments (default: the ddfm-small architecture).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-@click.option("--threads", type=int, default=None, help="torch.set_num_threads for CPU training.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch.set_num_threads for CPU training.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from FILE.state.pt if present.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train_prior_command(data, out, steps, batch_size, crop, lr, warmup, ema_decay, seed, gray, vflip,
-                        checkpoint_every, max_minutes, default_steps, model_config, device, threads, resume,
-                        progress) -> None:
+                        checkpoint_every, max_minutes, default_steps, holdout_every, schedule_fraction, gamma_aug,
+                        model_config, device, threads, resume, progress) -> None:
     """Train an unconditional epsilon-prediction DDPM prior on random crops of the images in --data."""
     import torch
 
@@ -64,11 +76,14 @@ def train_prior_command(data, out, steps, batch_size, crop, lr, warmup, ema_deca
         warmup=warmup, ema_decay=ema_decay, seed=seed, gray=gray, vflip=vflip, checkpoint_every=checkpoint_every,
         max_minutes=max_minutes, default_steps=default_steps, model_args=_model_args(model_config),
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"), threads=threads, resume=resume,
-        progress=progress, command=command_line(),
+        progress=progress, command=command_line(), holdout_every=holdout_every,
+        schedule_fraction=schedule_fraction, gamma_aug=gamma_aug,
     )
     try:
         train_prior(settings, log=lambda m: click.echo(m, err=True))
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, FloatingPointError, NotImplementedError) as exc:
+        # ValueError covers unreadable data (TrainingDataError), bad settings, damaged resume states and model
+        # configs (UNetConfig raises ValueError naming the field); each is one line, no traceback.
         raise click.ClickException(str(exc)) from exc
 
 

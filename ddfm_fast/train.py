@@ -7,6 +7,12 @@ with one EM step, so a prior small enough for a CPU can be trained by this proje
 
     t ~ U{0, ..., 999},  eps ~ N(0, I),  x_t = sqrt(ac_t) x0 + sqrt(1 - ac_t) eps,  loss = |eps - eps_theta(x_t, t)|^2
 
+or, for a model with ``prediction="v"`` (Salimans & Ho 2022), the same loss on v = sqrt(ac_t) eps - sqrt(1 - ac_t) x0
+(the network's own output, :meth:`~ddfm_fast.unet.UNetModel.net_output`). With ``schedule_fraction`` p > 0, a
+fraction p of each batch's timesteps is drawn from the ones the sampler visits at the model's default step count
+(``schedule.space_timesteps(1000, default_steps)``) and the rest uniformly, so the steps that make the default
+fusion get more of the training while every other step count stays covered.
+
 Notation (variable -> paper): ``x0`` a training crop in [-1, 1]; ``ac`` alpha_bar; ``ema`` the exponential moving
 average of the weights (what is shipped and sampled). Only the first three output channels are trained
 (``learn_sigma=False`` gives exactly three; with ``learn_sigma=True`` the variance channels are ignored, as the
@@ -44,15 +50,14 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddfm_fast.checkpoint import save_safetensors
-from ddfm_fast.io import gray_bgr2gray
-from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS, linear_betas
+from ddfm_fast.io import IMAGE_SUFFIXES, gray_bgr2gray
+from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS, linear_betas, space_timesteps
 from ddfm_fast.unet import DDFM_SMALL_ARGS, UNetConfig, UNetModel
 
 META_TRAINING = "ddfm_fast.training"  # json of the training record (settings, command, loss curve)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 # The architecture of the shipped prior (see ``unet.DDFM_SMALL_ARGS``), the default of ``train-prior``.
 SMALL_PRIOR_ARGS: dict[str, Any] = dict(DDFM_SMALL_ARGS)
@@ -85,9 +90,35 @@ class TrainSettings:
     resume: bool = True
     progress: bool = True
     command: Optional[str] = None  # the exact command line, recorded as given
+    holdout_every: int = 0  # hold out every k-th image pair of --data (``holdout_pairs``); 0 trains on all
+    schedule_fraction: float = 0.0  # share of timesteps drawn from the default schedule's (see module doc)
+    gamma_aug: float = 0.0  # random gamma exp(U(-g, g)) on each crop (0: none)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot train a model (the CLI checks them too)."""
+        checks = [
+            ("--steps", self.steps, isinstance(self.steps, int) and self.steps >= 1, "an integer >= 1"),
+            ("--batch-size", self.batch_size, isinstance(self.batch_size, int) and self.batch_size >= 1,
+             "an integer >= 1"),
+            ("--crop", self.crop, isinstance(self.crop, int) and self.crop >= 1, "an integer >= 1"),
+            ("--lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("--warmup", self.warmup, self.warmup >= 0, ">= 0"),
+            ("--ema-decay", self.ema_decay, 0 <= self.ema_decay < 1, "in [0, 1)"),
+            ("--checkpoint-every", self.checkpoint_every, self.checkpoint_every >= 0, ">= 0"),
+            ("--max-minutes", self.max_minutes, self.max_minutes is None or self.max_minutes > 0, "> 0"),
+            ("--default-steps", self.default_steps, 1 <= self.default_steps <= NUM_TRAIN_TIMESTEPS,
+             f"from 1 to {NUM_TRAIN_TIMESTEPS}"),
+            ("--holdout-every", self.holdout_every, self.holdout_every >= 0, ">= 0"),
+            ("--schedule-fraction", self.schedule_fraction, 0 <= self.schedule_fraction <= 1, "in [0, 1]"),
+            ("--gamma-aug", self.gamma_aug, 0 <= self.gamma_aug <= 2, "in [0, 2]"),
+            ("grad_clip", self.grad_clip, self.grad_clip >= 0, ">= 0"),
+        ]
+        for name, value, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{name} {value}: must be {want}")
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -107,6 +138,23 @@ def find_images(dirs: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
+def holdout_pairs(files: Sequence[Path], every: int) -> tuple[list[Path], list[Path]]:
+    """Split image files into (training, held out): every ``every``-th pair is held out (0: none).
+
+    A pair is the files that share a stem below the same dataset folder (``RoadScene/ir/X.jpg`` and
+    ``RoadScene/vi/X.jpg``), so a held-out scene is unseen in both modalities. Pairs are ordered by (dataset
+    folder, stem) and the 1st, (1 + every)-th, ... are held out, which makes the split a function of the file
+    names alone (the same on every machine).
+    """
+    if every < 0:
+        raise ValueError(f"--holdout-every {every}: must be 0 (no hold-out) or a positive number")
+    if not every:
+        return list(files), []
+    key = lambda p: (str(p.parent.parent), p.stem)  # noqa: E731
+    held = {k for i, k in enumerate(sorted({key(p) for p in files})) if i % every == 0}
+    return [p for p in files if key(p) not in held], [p for p in files if key(p) in held]
+
+
 def read_training_image(path: Path, *, gray: bool) -> torch.Tensor:
     """One image as a (3, H, W) uint8 tensor: gray files replicated to 3 channels; colour kept, or made gray.
 
@@ -124,6 +172,29 @@ def read_training_image(path: Path, *, gray: bool) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+class TrainingDataError(ValueError):
+    """A training folder holds files that cannot be read as images; the message names every one."""
+
+
+# What Pillow raises for files it cannot decode: unknown formats, truncated data, bomb-sized headers.
+_READ_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+def load_training_images(files: Sequence[Path], *, gray: bool) -> list[torch.Tensor]:
+    """Read every file (:func:`read_training_image`); raises :class:`TrainingDataError` naming each unreadable
+    one, so that a bad file is found before training starts rather than skipped without a word."""
+    images, bad = [], []
+    for p in files:
+        try:
+            images.append(read_training_image(p, gray=gray))
+        except _READ_ERRORS as exc:
+            bad.append(f"{p} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'})")
+    if bad:
+        raise TrainingDataError(f"--data: {len(bad)} of {len(files)} image file(s) cannot be read; fix or remove "
+                                f"them: {'; '.join(bad)}")
+    return images
+
+
 def _palette_is_gray(img: Image.Image) -> bool:
     return _channels_equal(np.asarray(img.convert("RGB")))
 
@@ -139,11 +210,12 @@ class CropSampler:
     Images smaller than the crop are reflect-padded.
     """
 
-    def __init__(self, images: Sequence[torch.Tensor], crop: int, *, hflip: bool, vflip: bool) -> None:
+    def __init__(self, images: Sequence[torch.Tensor], crop: int, *, hflip: bool, vflip: bool,
+                 gamma_aug: float = 0.0) -> None:
         if not images:
             raise ValueError("no training images")
         self.images = [self._ensure_size(im, crop) for im in images]
-        self.crop, self.hflip, self.vflip = crop, hflip, vflip
+        self.crop, self.hflip, self.vflip, self.gamma_aug = crop, hflip, vflip, gamma_aug
         areas = torch.tensor([im.shape[1] * im.shape[2] for im in self.images], dtype=torch.float64)
         self.weights = areas / areas.sum()
 
@@ -171,6 +243,9 @@ class CropSampler:
                 patch = patch.flip(-1)
             if self.vflip and bool(torch.rand((), generator=gen) < 0.5):
                 patch = patch.flip(-2)
+            if self.gamma_aug:
+                g = math.exp(float(torch.rand((), generator=gen) * 2 - 1) * self.gamma_aug)
+                patch = (patch / 255).pow(g) * 255
             out[b] = patch
         return out / 127.5 - 1
 
@@ -194,9 +269,23 @@ class Diffusion:
 
 def diffusion_loss(model: UNetModel, diffusion: Diffusion, x0: torch.Tensor, t: torch.Tensor,
                    noise: torch.Tensor) -> torch.Tensor:
-    """The simple epsilon loss; only the first ``x0.shape[1]`` output channels (epsilon) are trained."""
-    eps = model(diffusion.q_sample(x0, t, noise), t)[:, : x0.shape[1]]
-    return (eps - noise).square().mean()
+    """The simple loss on what the network predicts (epsilon, or v for ``prediction="v"``); only the first
+    ``x0.shape[1]`` output channels are trained."""
+    out = model.net_output(diffusion.q_sample(x0, t, noise), t)[:, : x0.shape[1]]
+    if model.config.prediction == "v":
+        a, s = diffusion.sqrt_ac[t].view(-1, 1, 1, 1), diffusion.sqrt_1m_ac[t].view(-1, 1, 1, 1)
+        return (out - (a * noise - s * x0)).square().mean()
+    return (out - noise).square().mean()
+
+
+def sample_timesteps(batch: int, gen: torch.Generator, schedule: Optional[torch.Tensor],
+                     fraction: float) -> torch.Tensor:
+    """``batch`` training timesteps: uniform on 0..999, with a share ``fraction`` taken from ``schedule``."""
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=gen)
+    if schedule is not None and fraction > 0:
+        pick = torch.rand(batch, generator=gen) < fraction
+        t = torch.where(pick, schedule[torch.randint(0, len(schedule), (batch,), generator=gen)], t)
+    return t
 
 
 def training_step(model: UNetModel, optimizer: torch.optim.Optimizer, diffusion: Diffusion, x0: torch.Tensor,
@@ -204,6 +293,8 @@ def training_step(model: UNetModel, optimizer: torch.optim.Optimizer, diffusion:
     """One optimiser step on one batch; returns the loss before the step."""
     model.train()
     loss = diffusion_loss(model, diffusion, x0, t, noise)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the training loss became {float(loss)}; lower --lr or check the data")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -249,14 +340,18 @@ def _loss_curve(losses: Sequence[float], bins: int = 20) -> list[dict[str, float
 
 
 def _training_record(s: TrainSettings, step: int, losses: Sequence[float], seconds: float,
-                     n_images: int) -> dict[str, Any]:
+                     n_images: int, held_out: Sequence[str] = ()) -> dict[str, Any]:
     return {
-        "objective": "epsilon MSE (Ho et al. 2020, L_simple), linear 1000-step schedule, uniform t",
+        "objective": (f"{'v' if s.model_args.get('prediction') == 'v' else 'epsilon'} MSE (Ho et al. 2020, L_simple), "
+                      "linear 1000-step schedule, t uniform"
+                      + (f" with {s.schedule_fraction:g} of them from the {s.default_steps}-step sampler schedule"
+                         if s.schedule_fraction else "")),
         "settings": s.to_dict(),
         "command": s.command,
         "steps_done": step,
         "train_seconds": round(seconds, 1),
         "num_images": n_images,
+        "held_out": held_out,
         "loss_curve": _loss_curve(losses),
         "final_loss_mean_last_200": float(np.mean(losses[-200:])) if losses else None,
         "torch": torch.__version__,
@@ -266,8 +361,10 @@ def _training_record(s: TrainSettings, step: int, losses: Sequence[float], secon
 
 
 def _save(ema: UNetModel, model: UNetModel, opt: torch.optim.Optimizer, gen: torch.Generator, s: TrainSettings,
-          step: int, losses: list[float], seconds: float, n_images: int) -> None:
-    record = _training_record(s, step, losses, seconds, n_images)
+          step: int, losses: list[float], seconds: float, n_images: int, held_out: Sequence[str] = ()) -> None:
+    if step < 1:
+        raise ValueError(f"--out {s.out}: no training step was done, so there is no trained model to save")
+    record = _training_record(s, step, losses, seconds, n_images, held_out)
     save_safetensors(ema, s.out, metadata={META_TRAINING: record})
     state = {
         "step": step,
@@ -298,15 +395,20 @@ def build_model(s: TrainSettings) -> UNetModel:
 
 def train_prior(s: TrainSettings, *, log: Callable[[str], None] = print) -> Path:
     """Train (or resume) a prior as described by ``s``; returns the output path (the EMA weights)."""
+    s.validate()
     if s.threads:
         torch.set_num_threads(int(s.threads))
     device = torch.device(s.device)
     torch.manual_seed(s.seed)
-    files = find_images(s.data)
-    images = [read_training_image(p, gray=s.gray) for p in files]
-    sampler = CropSampler(images, s.crop, hflip=s.hflip, vflip=s.vflip)
-    log(f"{len(files)} training images from {', '.join(s.data)}; crops {s.crop}px, batch {s.batch_size}, "
-        f"{'gray' if s.gray else 'colour'}")
+    files, held = holdout_pairs(find_images(s.data), s.holdout_every)
+    if not files:
+        raise ValueError(f"--holdout-every {s.holdout_every}: holds out every image of --data")
+    held_out = [str(p) for p in held]
+    images = load_training_images(files, gray=s.gray)
+    sampler = CropSampler(images, s.crop, hflip=s.hflip, vflip=s.vflip, gamma_aug=s.gamma_aug)
+    log(f"{len(files)} training images from {', '.join(s.data)}"
+        + (f" ({len(held)} held out)" if held else "")
+        + f"; crops {s.crop}px, batch {s.batch_size}, {'gray' if s.gray else 'colour'}")
 
     model = build_model(s).to(device)
     ema = build_model(s).to(device)
@@ -315,19 +417,12 @@ def train_prior(s: TrainSettings, *, log: Callable[[str], None] = print) -> Path
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     gen = torch.Generator().manual_seed(s.seed)
     diffusion = Diffusion(device=device)
+    schedule_t = torch.tensor(space_timesteps(NUM_TRAIN_TIMESTEPS, s.default_steps)) if s.schedule_fraction else None
     step, seconds, losses = 0, 0.0, []
 
     resume_file = state_path(s.out)
     if s.resume and resume_file.is_file():
-        state = torch.load(resume_file, map_location=device, weights_only=True)
-        if json.loads(state["config"]) != model.config.to_dict():
-            raise ValueError(f"{resume_file}: saved for another architecture; delete it or use --no-resume")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"])
-        step, seconds = int(state["step"]), float(state["seconds"])
-        losses = state["losses"].tolist()
+        step, seconds, losses = _resume(resume_file, model, ema, opt, gen, device)
         log(f"resumed from {resume_file} at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters, {json.dumps(model.config.to_dict())}")
@@ -346,7 +441,7 @@ def train_prior(s: TrainSettings, *, log: Callable[[str], None] = print) -> Path
                 log(f"time limit of {s.max_minutes} min reached at step {step}")
                 break
             x0 = sampler.sample(s.batch_size, gen).to(device)
-            t = torch.randint(0, diffusion.num_timesteps, (s.batch_size,), generator=gen).to(device)
+            t = sample_timesteps(s.batch_size, gen, schedule_t, s.schedule_fraction).to(device)
             noise = torch.randn(x0.shape, generator=gen).to(device)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, s)
@@ -359,17 +454,41 @@ def train_prior(s: TrainSettings, *, log: Callable[[str], None] = print) -> Path
                     bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
             if s.checkpoint_every and step % s.checkpoint_every == 0:
                 _save(ema, model, opt, gen, s, step, losses, base_seconds + time.perf_counter() - start,
-                      len(files))
+                      len(files), held_out)
                 last_saved = step
     finally:
         if bar is not None:
             bar.close()
     seconds = base_seconds + time.perf_counter() - start
     if step != last_saved or not Path(s.out).is_file():
-        _save(ema, model, opt, gen, s, step, losses, seconds, len(files))
+        _save(ema, model, opt, gen, s, step, losses, seconds, len(files), held_out)
     log(f"saved {s.out} at step {step} ({seconds / 60:.1f} min in total; "
         f"mean loss of the last 200 steps {np.mean(losses[-200:]) if losses else float('nan'):.4f})")
     return Path(s.out)
+
+
+def _resume(path: Path, model: UNetModel, ema: UNetModel, opt: torch.optim.Optimizer, gen: torch.Generator,
+            device: torch.device) -> tuple[int, float, list[float]]:
+    """Load a resume state into the given objects; any unreadable or mismatched file is one ``ValueError``."""
+    hint = "delete it or use --no-resume to start afresh"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        config = json.loads(state["config"])
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: cannot read the resume state (truncated or corrupt: {first}); {hint}") from exc
+    if config != model.config.to_dict():
+        raise ValueError(f"{path}: saved for another architecture; {hint}")
+    try:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        return int(state["step"]), float(state["seconds"]), state["losses"].tolist()
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: the resume state is incomplete or does not fit this model ({first}); "
+                         f"{hint}") from exc
 
 
 def read_training_record(path: str | os.PathLike) -> dict[str, Any]:
@@ -396,4 +515,5 @@ def command_line(argv: Optional[Iterable[str]] = None) -> str:
 __all__ = [
     "META_TRAINING", "SMALL_PRIOR_ARGS", "TrainSettings", "CropSampler", "Diffusion", "diffusion_loss",
     "training_step", "train_prior", "find_images", "read_training_image", "read_training_record", "state_path",
+    "holdout_pairs", "load_training_images", "TrainingDataError", "sample_timesteps",
 ]

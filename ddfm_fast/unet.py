@@ -24,10 +24,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _grad_checkpoint
+
+from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS, linear_betas
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -60,7 +63,11 @@ _CREATE_MODEL_DEFAULTS: dict[str, Any] = {
 }
 _CREATE_MODEL_REQUIRED = ("image_size", "num_channels", "num_res_blocks")
 # ddfm-fast extensions accepted next to the official arguments (not understood by create_model).
-_CREATE_MODEL_EXTENSIONS = ("norm_groups", "middle_attention")
+_CREATE_MODEL_EXTENSIONS = ("norm_groups", "middle_attention", "prediction", "stem_unshuffle")
+# What the network's first three output channels mean (``prediction``): "eps" the noise (guided-diffusion, every
+# official checkpoint) or "v" = sqrt(ac) eps - sqrt(1 - ac) x0 (Salimans & Ho 2022); a "v" model converts its
+# output to eps inside ``forward``, so every sampler sees an epsilon model.
+PREDICTIONS = ("eps", "v")
 
 
 def _number(value: float) -> float:
@@ -107,6 +114,11 @@ class UNetConfig:
     ``middle_attention=False`` drops the middle block's attention (its two ResBlocks keep the keys
     ``middle_block.0`` and ``middle_block.1``), so a model without any attention is fully convolutional and its
     cost grows linearly with the image area.
+    Two more extensions, off by default (the official layout): ``prediction="v"`` (see :data:`PREDICTIONS`) and
+    ``stem_unshuffle=k``, which folds each k x k pixel block into channels before the stem conv
+    (``pixel_unshuffle``) and unfolds the output conv's k*k*out_channels maps at the end (``pixel_shuffle``), so
+    the whole UNet runs at 1/k resolution. The state-dict keys stay the same; only the stem's input and the
+    output conv's output widths grow by k*k.
     """
 
     image_size: int
@@ -128,6 +140,8 @@ class UNetConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-5
     middle_attention: bool = True
+    prediction: str = "eps"
+    stem_unshuffle: int = 1
 
     def __post_init__(self) -> None:
         # Lists from JSON become tuples so the config stays hashable and immutable.
@@ -138,6 +152,11 @@ class UNetConfig:
         self._validate()
 
     def _validate(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not isinstance(self.stem_unshuffle, int) or isinstance(self.stem_unshuffle, bool) \
+                or not 1 <= self.stem_unshuffle <= 8:
+            raise ValueError(f"stem_unshuffle must be an integer from 1 to 8, got {self.stem_unshuffle!r}")
         if self.num_head_channels == -1 and self.num_heads < 1:
             raise ValueError("num_heads must be >= 1 when num_head_channels is -1")
         for mult in self.channel_mult:
@@ -192,6 +211,8 @@ class UNetConfig:
             use_fp16=bool(a["use_fp16"]),
             norm_groups=int(a.get("norm_groups", 32)),
             middle_attention=bool(a.get("middle_attention", True)),
+            prediction=str(a.get("prediction", "eps")),
+            stem_unshuffle=int(a.get("stem_unshuffle", 1)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,8 +240,8 @@ class UNetConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """Height and width must be multiples of this (2 ** (levels - 1))."""
-        return 2 ** (len(self.channel_mult) - 1)
+        """Height and width must be multiples of this (2 ** (levels - 1), times ``stem_unshuffle``)."""
+        return 2 ** (len(self.channel_mult) - 1) * self.stem_unshuffle
 
     def heads_for(self, channels: int, *, upsample: bool = False) -> int:
         """Number of attention heads for a block with ``channels`` channels (as in AttentionBlock)."""
@@ -514,7 +535,8 @@ class UNetModel(nn.Module):
 
         ch = int(c.channel_mult[0] * c.model_channels)
         stem_channels = ch
-        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        k2 = c.stem_unshuffle**2
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(c.in_channels * k2, ch, 3, padding=1))])
         skip_channels = [ch]
         ds = 1
         for level, mult in enumerate(c.channel_mult):
@@ -551,8 +573,15 @@ class UNetModel(nn.Module):
 
         # guided-diffusion declares this conv with the stem width; it equals ch here for every config.
         self.out = nn.Sequential(
-            _norm(c, ch), nn.SiLU(), _zero_init(nn.Conv2d(stem_channels, c.out_channels, 3, padding=1))
+            _norm(c, ch), nn.SiLU(), _zero_init(nn.Conv2d(stem_channels, c.out_channels * k2, 3, padding=1))
         )
+        if c.prediction == "v":
+            # sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) of the linear 1000-step schedule, indexed by t. Not
+            # saved with the weights (persistent=False): they follow from the schedule, and the state dict keeps
+            # the official keys.
+            ac = torch.from_numpy(np.cumprod(1.0 - linear_betas(NUM_TRAIN_TIMESTEPS)))
+            self.register_buffer("sqrt_ac", ac.sqrt().float(), persistent=False)
+            self.register_buffer("sqrt_1m_ac", (1 - ac).sqrt().float(), persistent=False)
 
     def _downsampler(self, ch: int) -> nn.Module:
         if self.config.resblock_updown:
@@ -569,9 +598,26 @@ class UNetModel(nn.Module):
 
         H and W must be multiples of ``config.downsample_factor``. The body runs in the parameters'
         dtype; the result is returned in ``x``'s dtype (as guided-diffusion does for its fp16 body).
+        Channels 0-2 are always epsilon: a ``prediction="v"`` network's v is converted,
+        eps = sqrt(1 - ac_t) x_t + sqrt(ac_t) v.
         """
         if timesteps.numel() == 1:
             timesteps = timesteps.reshape(1).expand(x.shape[0])
+        out = self.net_output(x, timesteps)
+        if self.config.prediction == "v":
+            a = self.sqrt_ac[timesteps].view(-1, 1, 1, 1)
+            s = self.sqrt_1m_ac[timesteps].view(-1, 1, 1, 1)
+            eps = s * x[:, :3].to(a.dtype) + a * out[:, :3].to(a.dtype)
+            out = torch.cat([eps.to(out.dtype), out[:, 3:]], dim=1) if out.shape[1] > 3 else eps.to(out.dtype)
+        return out
+
+    def net_output(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The network's own output (what ``config.prediction`` names), before any conversion to epsilon."""
+        if timesteps.numel() == 1:
+            timesteps = timesteps.reshape(1).expand(x.shape[0])
+        if self.config.stem_unshuffle > 1:
+            x_in = x
+            x = F.pixel_unshuffle(x, self.config.stem_unshuffle)
         param_dtype = self.time_embed[0].weight.dtype
         emb = timestep_embedding(timesteps, self.config.model_channels).to(param_dtype)
         emb = self.time_embed(emb)
@@ -584,4 +630,7 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h).to(x.dtype)
+        h = self.out(h)
+        if self.config.stem_unshuffle > 1:
+            return F.pixel_shuffle(h, self.config.stem_unshuffle).to(x_in.dtype)
+        return h.to(x.dtype)

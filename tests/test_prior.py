@@ -263,3 +263,169 @@ def test_em_only_soft_tv_differs_from_shrink() -> None:
     # Measured 2.2e-5 here (EM only stays near the average, so the TV term moves little); ignoring the options
     # gives exactly 0. 1e-6 sits far above float noise of one deterministic run and far below the effect.
     assert (soft - shrink).abs().max().item() > 1e-6
+
+
+# -- train-prior: bad data, bad options, nothing untrained saved, damaged resume state --------------
+
+
+def test_unreadable_training_images_are_all_named(image_folder: Path, tmp_path: Path) -> None:
+    from ddfm_fast.train import TrainingDataError
+
+    good = (image_folder / "a.png").read_bytes()
+    (image_folder / "truncated.png").write_bytes(good[: len(good) // 3])
+    (image_folder / "sub" / "text.jpg").write_text("not an image")
+    out = tmp_path / "p.safetensors"
+    with pytest.raises(TrainingDataError) as err:
+        train_prior(_settings(image_folder, out, steps=1), log=lambda m: None)
+    msg = str(err.value)
+    assert "truncated.png" in msg and "text.jpg" in msg and "2 of 4" in msg and "\n" not in msg
+    assert not out.exists() and not state_path(out).exists()
+
+
+def _cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from ddfm_fast.cli_train import train_prior_command
+
+    return CliRunner().invoke(train_prior_command, args)
+
+
+def test_cli_names_an_unreadable_image_without_a_traceback(image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "zero.png").write_bytes(b"")
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY_ARGS))
+    result = _cli(["--data", str(image_folder), "--out", str(tmp_path / "p.safetensors"), "--steps", "1",
+                   "--crop", "16", "--model-config", str(cfg), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 1 and "zero.png" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option", ["--steps", "--batch-size", "--crop"])
+def test_cli_rejects_zero_sizes(option: str, image_folder: Path, tmp_path: Path) -> None:
+    result = _cli(["--data", str(image_folder), "--out", str(tmp_path / "p.safetensors"), option, "0"])
+    assert result.exit_code == 2 and option in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_settings_validate_names_the_field(image_folder: Path, tmp_path: Path) -> None:
+    for field_name, value, flag in [("steps", 0, "--steps"), ("batch_size", 0, "--batch-size"), ("crop", 0, "--crop"),
+                                    ("lr", float("nan"), "--lr"), ("schedule_fraction", 1.5, "--schedule-fraction")]:
+        s = _settings(image_folder, tmp_path / "p.safetensors", steps=1)
+        setattr(s, field_name, value)
+        with pytest.raises(ValueError, match=flag):
+            s.validate()
+
+
+def test_nothing_untrained_is_saved(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.safetensors"
+    # A time limit that has passed before the first step: no step is done, so no model may be written.
+    s = _settings(image_folder, out, steps=5, max_minutes=1e-9)
+    with pytest.raises(ValueError, match="no training step"):
+        train_prior(s, log=lambda m: None)
+    assert not out.exists() and not state_path(out).exists()
+
+
+def test_truncated_resume_state_is_one_line_naming_the_file(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.safetensors"
+    train_prior(_settings(image_folder, out, steps=1), log=lambda m: None)
+    state = state_path(out)
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError) as err:
+        train_prior(_settings(image_folder, out, steps=2), log=lambda m: None)
+    assert str(state) in str(err.value) and "\n" not in str(err.value) and "--no-resume" in str(err.value)
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY_ARGS))
+    result = _cli(["--data", str(image_folder), "--out", str(out), "--steps", "2", "--batch-size", "2", "--crop",
+                   "16", "--model-config", str(cfg), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 1 and state.name in result.output and "Traceback" not in result.output
+
+
+def test_holdout_keeps_both_images_of_a_pair_together(tmp_path: Path) -> None:
+    from ddfm_fast.train import holdout_pairs
+
+    files = [tmp_path / d / m / f"{k:02d}.png" for d in ("A", "B") for m in ("ir", "vi") for k in range(5)]
+    train, held = holdout_pairs(files, 3)
+    # Pairs in (folder, stem) order: A/00..A/04, B/00..B/04; indices 0, 3, 6, 9 are held out.
+    assert sorted((p.parts[-3], p.stem) for p in held) == sorted(
+        [(d, s) for d, s in [("A", "00"), ("A", "03"), ("B", "01"), ("B", "04")] for _ in range(2)])
+    assert not set(train) & set(held) and len(train) + len(held) == len(files)
+    assert holdout_pairs(files, 0) == (files, [])
+
+
+def test_schedule_timesteps_share() -> None:
+    from ddfm_fast.schedule import space_timesteps
+    from ddfm_fast.train import sample_timesteps
+
+    sched = torch.tensor(space_timesteps(1000, 10))
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample_timesteps(256, gen, sched, 1.0).tolist()) <= set(sched.tolist())
+    uniform = sample_timesteps(4096, gen, sched, 0.0)
+    # Uniform on 0..999: 4096 draws land on the 10 scheduled values about 41 times; 200 would mean a bias.
+    assert int(torch.isin(uniform, sched).sum()) < 200 and uniform.max() > 900 and uniform.min() < 100
+
+
+# -- the optional architecture features of small priors -------------------------------------------------
+
+
+def test_v_prediction_returns_epsilon_and_trains_on_v(image_folder: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = UNetConfig.from_create_model_args({**TINY_ARGS, "prediction": "v"})
+    model = UNetModel(cfg)
+    for p in model.out.parameters():  # the output conv starts at zero; give it weights so v is not 0
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
+    ac = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))[t].float().view(-1, 1, 1, 1)
+    v = model.net_output(x, t)
+    torch.testing.assert_close(model(x, t), (1 - ac).sqrt() * x + ac.sqrt() * v)
+    assert "sqrt_ac" not in model.state_dict()  # the schedule is not part of the weights
+    out = tmp_path / "v.safetensors"
+    s = _settings(image_folder, out, steps=2)
+    s.model_args = {**TINY_ARGS, "prediction": "v"}
+    train_prior(s, log=lambda m: None)
+    assert ddfm_fast.load_model(out).config.prediction == "v"
+    assert read_training_record(out)["objective"].startswith("v MSE")
+
+
+def test_stem_unshuffle_keeps_the_keys_and_runs_at_half_resolution() -> None:
+    plain = UNetModel(UNetConfig.from_create_model_args(TINY_ARGS))
+    cfg = UNetConfig.from_create_model_args({**TINY_ARGS, "stem_unshuffle": 2})
+    folded = UNetModel(cfg)
+    assert cfg.downsample_factor == 4 and list(plain.state_dict()) == list(folded.state_dict())
+    assert folded.input_blocks[0][0].weight.shape[1] == 12 and folded.out[2].weight.shape[0] == 12
+    assert folded(torch.randn(1, 3, 16, 24), torch.tensor([5])).shape == (1, 3, 16, 24)
+    with pytest.raises(ValueError, match="stem_unshuffle"):
+        UNetConfig.from_create_model_args({**TINY_ARGS, "stem_unshuffle": 0})
+    with pytest.raises(ValueError, match="prediction"):
+        UNetConfig.from_create_model_args({**TINY_ARGS, "prediction": "x0"})
+
+
+# -- the allocator setting of the command line -----------------------------------------------------------
+
+
+def test_malloc_tuning_in_a_fresh_process() -> None:
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = "from ddfm_fast._alloc import keep_freed_memory as k; r = k(); print(r.applied, '|', r.reason)"
+    env = {**os.environ}
+    env.pop("DDFM_FAST_MALLOC", None)
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    expect_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert got.startswith(str(expect_glibc)), got
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "DDFM_FAST_MALLOC": "default"},
+                         capture_output=True, text=True, check=True).stdout
+    assert off.startswith("False") and "DDFM_FAST_MALLOC=default" in off
+
+
+def test_the_command_line_tunes_malloc_first(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    import ddfm_fast._alloc as alloc
+    from ddfm_fast.cli import main
+
+    calls = []
+    monkeypatch.setattr(alloc, "keep_freed_memory", lambda **kw: calls.append(kw))
+    CliRunner().invoke(main, ["train-prior", "--data", str(tmp_path), "--out", str(tmp_path / "p"), "--steps", "0"])
+    assert calls == [{"announce": True}]
