@@ -12,9 +12,9 @@ The protocol of a distributed folder run (``ddfm-fast fuse``):
    all ranks shard the same list, however many ranks an earlier, killed run had (resume);
 2. :func:`lpt_shards` splits it: greedy longest-processing-time over the model's pixel count (H*W after
    padding / cropping to /32), largest first, ties by stem, each to the least-loaded rank (ties: lowest rank);
-3. each rank fuses its shard with :func:`ddfm_fast.batch.run_folder`; a bad pair is recorded, never raised,
+3. each rank fuses its shard with :func:`ddfm_fast.runner.run_folder` (:func:`fuse_folder`); a bad pair is recorded, never raised,
    so no rank leaves early (torchrun tears the whole group down when one worker exits);
-4. :meth:`Context.gather` brings every rank's :class:`~ddfm_fast.batch.RunSummary` to rank 0 over a gloo
+4. :meth:`Context.gather` brings every rank's :class:`~ddfm_fast.summary.RunSummary` to rank 0 over a gloo
    group with a long timeout (ranks that finish early wait there for the slowest), rank 0 merges them
    (:func:`merge_summaries`) and writes the summary atomically, rank 0 broadcasts the exit code, all ranks
    meet at a barrier and exit together: 0, or 3 on every rank when any pair failed on any rank.
@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
+
+from ddfm_fast import io
+from ddfm_fast.summary import SUMMARY_NAME, RunSummary, now
 
 T = TypeVar("T")
 
@@ -155,19 +158,19 @@ def lpt_shards(keys: Sequence[str], costs: Sequence[int], world_size: int) -> li
     return [sorted(s, key=lambda i: keys[i]) for s in shards]
 
 
-def image_pixels(path: Path, size_policy: str = "pad", multiple: int = 32) -> int:
-    """The model's pixel count for an image, from its header only: H*W after padding up (``pad``) or cropping
-    down (``crop``) to ``multiple``. An unreadable file costs 0 (it fails fast and is reported by its rank)."""
+def image_pixels(path: Path, size_policy: str = "pad", multiple: int = io.SIZE_MULTIPLE) -> int:
+    """The model's pixel count for an image, from its header only: H*W of :func:`ddfm_fast.io.model_size` (padded
+    up or cropped down to ``multiple``). An unreadable or too small file costs 0 (it fails fast and is reported by
+    its rank)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             w, h = img.size  # EXIF rotation swaps W and H, which leaves the area unchanged
-    except (OSError, ValueError, SyntaxError):  # PIL reports broken headers with these
+        (mh, mw), _ = io.model_size((h, w), size_policy, multiple)  # type: ignore[arg-type]
+    except (OSError, ValueError, SyntaxError):  # PIL reports broken headers with these; model_size small crops
         return 0
-    if size_policy == "crop":
-        return (h - h % multiple) * (w - w % multiple)
-    return (h + (-h) % multiple) * (w + (-w) % multiple)
+    return mh * mw
 
 
 # --------------------------------------------------------------------------------------------------- process group
@@ -294,13 +297,12 @@ def merge_summaries(parts: Sequence[tuple[Any, dict[str, Any]]], plan: Optional[
     over its fusion time, the single-process definition); ``timing.images_per_wall_s`` is all images over
     the slowest rank's wall time.
     """
-    from ddfm_fast import batch
-
     main = parts[0][0]
-    merged = batch.RunSummary(settings=dict(main.settings), inputs=dict(main.inputs), output_dir=main.output_dir,
-                              skipped=list(main.skipped), unpaired=list(main.unpaired), ignored=list(main.ignored))
+    merged = RunSummary(settings=dict(main.settings), inputs=dict(main.inputs), output_dir=main.output_dir,
+                        plan=None if main.plan is None else dict(main.plan), skipped=list(main.skipped),
+                        unpaired=list(main.unpaired), ignored=list(main.ignored))
     merged.started = min(s.started for s, _ in parts)
-    merged.finished = batch._now()
+    merged.finished = now()
     merged.complete = all(s.complete for s, _ in parts)
     merged.wall_s = max(s.wall_s for s, _ in parts)
     merged.fusion_s = sum(s.fusion_s for s, _ in parts)
@@ -310,7 +312,10 @@ def merge_summaries(parts: Sequence[tuple[Any, dict[str, Any]]], plan: Optional[
         merged.failed += [{**f, "rank": r} for f in s.failed]
         merged.warnings += [w for w in s.warnings if w not in merged.warnings]
         rate = s.images_per_s
-        ranks.append({**info, "rank": r,
+        fallbacks = list((s.plan or {}).get("fallbacks", []))
+        if merged.plan is not None and r > 0:  # rank 0's plan is the summary's; the others add their fallbacks
+            merged.plan["fallbacks"] = [*merged.plan.get("fallbacks", []), *(f"rank {r}: {f}" for f in fallbacks)]
+        ranks.append({**info, "rank": r, "fallbacks": fallbacks,
                       "pairs_assigned": None if plan is None else plan["pairs"][r],
                       "pixels_assigned": None if plan is None else plan["pixels"][r],
                       "done": len(s.done), "failed": len(s.failed), "complete": s.complete,
@@ -333,15 +338,13 @@ def finish_fuse(ctx: Context, summary: Any, out_dir: Path, failed_code: int) -> 
     Returns ``(exit code, merged summary on rank 0 / None elsewhere)``; every rank gets the same code:
     0, ``failed_code`` when any pair failed on any rank, 1 when rank 0 could not write the summary.
     """
-    from ddfm_fast import batch, io
-
     parts = ctx.gather((summary, ctx.describe()))
     code, doc, error = 0, None, None
     if ctx.is_main:
         assert parts is not None
         try:
             doc = merge_summaries(parts, ctx.plan, ctx.backend)
-            io.save_json(doc, Path(out_dir) / batch.SUMMARY_NAME)
+            io.save_json(doc, Path(out_dir) / SUMMARY_NAME)
             code = failed_code if doc["failed"] else 0
         except Exception as exc:  # noqa: BLE001 (reported below, after the other ranks were told)
             code, error = 1, exc
@@ -379,4 +382,27 @@ def replace_pairing_for_rank(pairing: Any, rank: int) -> Any:
     """Unpaired, ignored and ambiguous files are rank 0's to report: the other ranks drop them."""
     if rank == 0:
         return pairing
-    return dataclasses.replace(pairing, unpaired=[], ambiguous=[], ignored=[])
+    return dataclasses.replace(pairing, unmatched=[], ignored=[])
+
+
+def fuse_folder(env: DistEnv, device: torch.device, model: Any, pairing: Any, out_dir: Path, run: Any, *,
+                failed_code: int, bar: Any = None, **run_folder_args: Any) -> tuple[int, Optional[dict[str, Any]]]:
+    """One rank of a torchrun folder run: shard the pending pairs (LPT over the model's pixel counts), fuse this
+    rank's share with :func:`ddfm_fast.runner.run_folder`, and :func:`finish_fuse`.
+
+    ``run_folder_args`` go to ``run_folder`` (plan, overwrite, extra_settings, inputs, progress_dir); rank 0
+    alone shows the progress bars. Returns ``(exit code shared by all ranks, merged summary on rank 0)``.
+    """
+    from ddfm_fast.runner import run_folder
+
+    side = "vis" if run.resize == "vis" else "ir"  # the side whose size the model sees
+    policy = run.sampler.size_policy
+    with session(env, device) as ctx:
+        def shard(pending: list[Any]) -> list[Any]:
+            return plan_shards(ctx, pending, keys=lambda pr: pr.stem,
+                               cost=lambda pr: image_pixels(getattr(pr, side), policy))
+
+        summary = run_folder(model, replace_pairing_for_rank(pairing, env.rank), out_dir, run, device=device,
+                             bar=bar if env.is_main else None, step_bar=bar if env.is_main else None,
+                             shard=shard, write_summary=False, **run_folder_args)
+        return finish_fuse(ctx, summary, out_dir, failed_code)

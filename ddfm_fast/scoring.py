@@ -1,28 +1,42 @@
 """Fuse a dataset folder and score it against the paper's reported numbers (``ddfm-fast score``).
 
 A dataset folder holds ``ir/`` + ``vi/`` (infrared-visible fusion, IVF) or ``MRI/`` + one of ``CT/``, ``PET/``,
-``SPECT/`` (medical image fusion, MIF), as ``shared/data`` lays them out (``ivf/MSRS``, ``mif/MRI_PET``).
-:func:`score_dataset` fuses it with the folder runner of ``ddfm-fast fuse`` (:func:`ddfm_fast.batch.run_folder`:
-resumable, a bad pair is recorded and skipped) into ``OUT/fused/``, then scores every fused image with the
-evaluator of ``ddfm-fast eval`` (:mod:`ddfm_fast.cli_eval`, :func:`ddfm_fast.metrics.evaluate`), and returns the
-per-image rows, their mean, and the paper's row for that dataset (METRICS.md) with the difference.
+``SPECT/`` (medical image fusion, MIF), as ``shared/data`` lays them out (``ivf/MSRS``, ``mif/MRI_PET``); the
+folder names are the roles' (``ddfm_fast.pairing.ROLES``). :func:`score_dataset` fuses it with the folder runner
+of ``ddfm-fast fuse`` (:func:`ddfm_fast.runner.run_folder`: resumable, a bad pair is recorded and skipped) into
+``OUT/fused/``, then scores every fused image as ``ddfm-fast eval`` does (:mod:`ddfm_fast.evaluation`), and
+returns the per-image rows, their mean, and the paper's row for that dataset (METRICS.md) with the difference.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
-from ddfm_fast import batch
-from ddfm_fast.cli_eval import Skipped, _eval_csv, _eval_json, _jsonable, _score_one, _write_text, pair_by_stem
-from ddfm_fast.metrics import METRIC_NAMES, ImageReadError
+from ddfm_fast.evaluation import (
+    Scores,
+    Skipped,
+    dump_json,
+    eval_csv,
+    eval_doc,
+    jsonable,
+    mean_of,
+    pair_for_eval,
+    score_pairs,
+    skipped_of,
+    write_text,
+)
+from ddfm_fast.metrics import METRIC_NAMES
+from ddfm_fast.pairing import ROLES, InputError, Pairing, pair_sources
+from ddfm_fast.plan import ExecutionPlan
+from ddfm_fast.progress import BarFactory
+from ddfm_fast.runner import RunConfig, run_folder
+from ddfm_fast.summary import SUMMARY_NAME, RunSummary
 
 # The six metrics the DDFM paper reports, in its column order.
 PAPER_METRICS: tuple[str, ...] = ("EN", "SD", "MI", "VIF", "Qabf", "SSIM")
@@ -55,10 +69,8 @@ FUSED_DIR = "fused"
 SCORES_CSV = "scores.csv"
 SCORES_JSON = "scores.json"
 
-_IVF_A = ("ir",)  # infrared (A; the fuse runner's ir side)
-_IVF_B = ("vi", "vis")  # visible (B; the fuse runner's vis side)
-_MIF_A = ("CT", "PET", "SPECT")  # functional (A)
-_MIF_B = ("MRI",)
+_IVF_A, _IVF_B = ROLES["ivf"].ir_folders, ROLES["ivf"].vis_folders  # infrared (A, the ir side), visible (B)
+_MIF_A, _MIF_B = ROLES["mif"].ir_folders, ROLES["mif"].vis_folders  # functional CT/PET/SPECT (A), MRI (B)
 
 
 class DatasetError(ValueError):
@@ -195,7 +207,7 @@ class ScoreResult:
 
     layout: DatasetLayout
     fused_dir: Path
-    summary: batch.RunSummary
+    summary: RunSummary
     rows: dict[str, dict[str, float]]  # stem -> the 12 metrics
     mean: dict[str, float]  # the 12 metrics averaged over ``rows`` (empty when nothing was scored)
     paper: Optional[dict[str, float]]  # the paper's six numbers for the dataset, None when it reports none
@@ -208,80 +220,72 @@ class ScoreResult:
         return len(self.rows)
 
 
-def limit_pairing(pairing: batch.Pairing, limit: Optional[int]) -> batch.Pairing:
-    """The first ``limit`` pairs (by stem) of a pairing; unpaired/ambiguous entries kept as they are."""
-    if limit is None or limit >= len(pairing.pairs):
-        return pairing
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
-    return dataclasses.replace(pairing, pairs=list(pairing.pairs[:limit]))
+def dataset_pairs(layout: DatasetLayout, limit: Optional[int] = None) -> Pairing:
+    """The source pairs of a dataset folder (the first ``limit``); raises :class:`InputError` when there are
+    none (a folder without images, or no stem in both)."""
+    pairing = pair_sources(layout.a_dir, layout.b_dir, layout.mode).limit(limit)
+    if not pairing.pairs and not pairing.ambiguous:
+        raise InputError(f"no pairs: no file stem appears in both {layout.a_dir} and {layout.b_dir} "
+                         f"({len(pairing.unpaired)} unpaired images); files are paired by their name without "
+                         "extension")
+    return pairing
 
 
 def score_dataset(
     dataset_dir: str | Path,
     out_dir: str | Path,
     *,
-    model: nn.Module,
-    settings: batch.RunSettings,
+    model: Optional[nn.Module],
+    run: RunConfig,
     device: torch.device,
+    plan: Optional[ExecutionPlan] = None,
     dataset: Optional[str] = None,
     limit: Optional[int] = None,
     overwrite: bool = False,
-    summary_settings: Optional[dict[str, Any]] = None,
-    bar: Optional[Callable[..., Any]] = None,
-    step_bar: Optional[Callable[..., Any]] = None,
+    extra_settings: Optional[dict[str, Any]] = None,
+    bar: Optional[BarFactory] = None,
+    step_bar: Optional[BarFactory] = None,
     layout: Optional[DatasetLayout] = None,
-    pairing: Optional[batch.Pairing] = None,
+    pairing: Optional[Pairing] = None,
 ) -> ScoreResult:
     """Fuse a dataset folder into ``out_dir/fused/`` and score the fused images.
 
-    Fusion is :func:`ddfm_fast.batch.run_folder` (existing outputs are kept unless ``overwrite``: resume; it
-    writes ``out_dir/fused/ddfm_summary.json``); ``settings.mode`` is set to the detected mode and the output
-    must be the official gray PNG (``settings.output == "gray"``). Scoring is ``ddfm-fast eval``'s
-    (:func:`ddfm_fast.cli_eval._score_one` with the ``cddfuse`` metrics; with ``size_policy="crop"`` the sources
-    are cropped top-left to the fused size, as the paper does). Only the pairs of this run (the first ``limit``)
-    are scored, also when ``fused/`` holds more outputs of an earlier run. ``layout``/``pairing`` skip the
-    detection and pairing when the caller did them already. Raises :class:`DatasetError` for a folder that is
-    not a dataset and :class:`ddfm_fast.batch.InputError` for empty source folders.
+    Fusion is :func:`ddfm_fast.runner.run_folder` (existing outputs are kept unless ``overwrite``: resume, after
+    its settings check; it writes ``out_dir/fused/ddfm_summary.json``); ``run.mode`` is set to the detected mode
+    and the output must be the official gray PNG. Scoring is ``ddfm-fast eval``'s (the ``cddfuse`` metrics; with
+    the crop size policy the sources are cropped top-left to the fused size, as the paper does). Only the pairs
+    of this run (the first ``limit``) are scored, also when ``fused/`` holds more outputs of an earlier run.
+    ``layout`` / ``pairing`` skip the detection and pairing when the caller did them already. Raises
+    :class:`DatasetError` for a folder that is not a dataset, :class:`~ddfm_fast.pairing.InputError` for empty
+    source folders or outputs of other settings.
     """
     if layout is None:
         layout = dataset_layout(dataset_dir, dataset)
-    if settings.output != "gray":
-        raise ValueError(f"scores are computed on the official gray output, not {settings.output!r}")
-    if settings.mode != layout.mode:
-        settings = dataclasses.replace(settings, mode=layout.mode)
-    if pairing is None:
-        pairing = batch.pair_folders(layout.a_dir, layout.b_dir, layout.mode)
-    pairing = limit_pairing(pairing, limit)
-    if not pairing.pairs and not pairing.ambiguous:
-        raise batch.InputError(f"no pairs: no file stem appears in both {layout.a_dir} and {layout.b_dir}")
-    r = settings.roles
+    if run.output != "gray":
+        raise ValueError(f"scores are computed on the official gray output, not {run.output!r}")
+    if run.mode != layout.mode:
+        run = dataclasses.replace(run, mode=layout.mode)
+    pairing = dataset_pairs(layout, limit) if pairing is None else pairing.limit(limit)
+    r = run.roles
     fused_dir = Path(out_dir) / FUSED_DIR
-    summary = batch.run_folder(
-        model, pairing, fused_dir, settings, device=device, overwrite=overwrite,
-        summary_settings=summary_settings, inputs={r.ir: str(layout.a_dir), r.vis: str(layout.b_dir)},
-        bar=bar, step_bar=step_bar,
-    )
+    summary = run_folder(model, pairing, fused_dir, run, device=device, plan=plan, overwrite=overwrite,
+                         extra_settings=extra_settings, inputs={r.ir: str(layout.a_dir), r.vis: str(layout.b_dir)},
+                         bar=bar, step_bar=step_bar)
 
     wanted = {p.stem for p in pairing.pairs}
-    found = pair_by_stem({"fused": fused_dir, "A": layout.a_dir, "B": layout.b_dir}, driver="fused")
     failed = {rec["stem"]: rec["reason"] for rec in summary.failed}
-    skipped: list[Skipped] = [Skipped(stem, f"not fused: {reason}") for stem, reason in failed.items()]
-    skipped += [s for s in found.skipped if s.image in wanted and s.image not in failed]
-    rows: dict[str, dict[str, float]] = {}
-    crop_sources = settings.size_policy == "crop"
-    for stem, files in zip(found.stems, found.files):
-        if stem not in wanted or stem in failed:
-            continue
-        try:
-            rows[stem] = _score_one(files, "cddfuse", crop_sources)
-        except (ImageReadError, ValueError) as exc:
-            skipped.append(Skipped(stem, str(exc)))
-    scored_or_skipped = set(rows) | {s.image for s in skipped}
-    skipped += [Skipped(stem, "no fused image") for stem in sorted(wanted - scored_or_skipped)]
+    skipped = [Skipped(stem, f"not fused: {reason}") for stem, reason in failed.items()]
+    fused = pair_for_eval(fused_dir, layout.a_dir, layout.b_dir, layout.mode) if summary.done or summary.skipped \
+        else Pairing([])
+    skipped += [s for s in skipped_of(fused) if s.image in wanted and s.image not in failed]
+    todo = [p for p in fused.pairs if p.stem in wanted and p.stem not in failed]
+    rows, not_scored = score_pairs(todo, "cddfuse", crop_sources=run.sampler.size_policy == "crop")
+    skipped += not_scored
+    seen = set(rows) | {s.image for s in skipped}
+    skipped += [Skipped(stem, "no fused image") for stem in sorted(wanted - seen)]
     skipped.sort(key=lambda s: s.image)
 
-    mean = {k: float(np.mean([row[k] for row in rows.values()])) for k in METRIC_NAMES} if rows else {}
+    mean = mean_of(rows)
     paper = layout.paper
     delta = {k: mean[k] - paper[k] for k in PAPER_METRICS} if (paper and mean) else None
     return ScoreResult(layout, fused_dir, summary, rows, mean, paper, delta, skipped)
@@ -293,7 +297,7 @@ def score_dataset(
 def scores_csv(result: ScoreResult) -> str:
     """``ddfm-fast eval``'s CSV (one row per image, then "mean"), plus the rows "paper" and "delta" when the
     paper reports the dataset (empty cells for the metrics it does not report)."""
-    text = _eval_csv(result.rows, result.mean)
+    text = eval_csv(result.rows, result.mean)
     if result.paper is not None and result.delta is not None and result.rows:
         for name, row in (("paper", result.paper), ("delta", result.delta)):
             cells = [repr(float(row[k])) if k in row else "" for k in METRIC_NAMES]
@@ -303,13 +307,9 @@ def scores_csv(result: ScoreResult) -> str:
 
 def scores_json(result: ScoreResult) -> str:
     """``ddfm-fast eval``'s JSON document, plus the dataset, the paper's row, the delta and the fusion counts."""
-    from ddfm_fast.cli_eval import Pairing as EvalPairing
-
     lay = result.layout
-    not_fused = [rec["stem"] for rec in result.summary.failed]
-    ev = EvalPairing([], [], skipped=result.skipped, undriven=not_fused)
-    doc = json.loads(_eval_json(result.rows, result.mean, ev, lay.mode, result.variant, result.fused_dir,
-                                lay.a_dir, lay.b_dir))
+    scores = Scores(result.rows, result.mean, result.skipped, not_fused=[rec["stem"] for rec in result.summary.failed])
+    doc = eval_doc(scores, lay.mode, result.variant, {"fused": result.fused_dir, "A": lay.a_dir, "B": lay.b_dir})
     s = result.summary.to_dict()
     doc = {
         "dataset": lay.name,
@@ -318,18 +318,18 @@ def scores_json(result: ScoreResult) -> str:
         "paper_row": PAPER_LABELS.get(lay.paper_key) if lay.paper_key else None,
         "paper_metrics": list(PAPER_METRICS),
         "paper": result.paper,
-        "delta": None if result.delta is None else {k: _jsonable(v) for k, v in result.delta.items()},
+        "delta": None if result.delta is None else {k: jsonable(v) for k, v in result.delta.items()},
         **doc,
-        "fusion": {"summary": str(result.fused_dir / batch.SUMMARY_NAME), "counts": s["counts"],
-                   "timing": s["timing"], "settings": s["settings"], "failed": s["failed"]},
+        "fusion": {"summary": str(result.fused_dir / SUMMARY_NAME), "counts": s["counts"],
+                   "timing": s["timing"], "settings": s["settings"], "plan": s["plan"], "failed": s["failed"]},
     }
-    return json.dumps(doc, indent=1, allow_nan=False) + "\n"
+    return dump_json(doc)
 
 
 def write_scores(result: ScoreResult, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``out_dir/scores.csv`` and ``out_dir/scores.json`` atomically; returns their paths."""
     out = Path(out_dir)
     csv_path, json_path = out / SCORES_CSV, out / SCORES_JSON
-    _write_text(csv_path, scores_csv(result))
-    _write_text(json_path, scores_json(result))
+    write_text(csv_path, scores_csv(result))
+    write_text(json_path, scores_json(result))
     return csv_path, json_path

@@ -15,8 +15,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from ddfm_fast import batch, io
+from ddfm_fast import io, runner
 from ddfm_fast.cli import main
+from ddfm_fast.pairing import Pair
+from ddfm_fast.summary import SUMMARY_NAME
 
 W, H = 45, 35  # crop size (width x height): padded to 64x64 for the model, cropped to 32x32 by --size-policy crop
 CROP_HW = (32, 32)
@@ -125,13 +127,18 @@ def test_raw_outputs(outputs) -> None:
 def test_save_progress_one_pair(outputs) -> None:
     prog = outputs["gray"].parent / "gray_progress"
     names = sorted(p.name for p in prog.iterdir())
-    assert names == ["diffusion.gif", "x_0000.png", "x_0001.png", "x_0002.png"]
-    assert Image.open(prog / "x_0002.png").size == (W, H)
+    assert names == ["diffusion.gif", "x0_0000.png", "x0_0001.png", "x0_0002.png",
+                     "x_0000.png", "x_0001.png", "x_0002.png"]
+    assert Image.open(prog / "x_0002.png").size == (W, H) and Image.open(prog / "x0_0002.png").size == (W, H)
     gif = Image.open(prog / "diffusion.gif")
     assert gif.n_frames == 3 and gif.size == (W, H)
-    # The last step's image is the truncated min-max of the final luminance (official record=True).
+    # The last step's x_{t-1} is x0' itself (alpha_bar_prev = 1 at idx 0): the truncated min-max of the final
+    # luminance, which the output rounds instead of truncating (at most 1 grey level apart).
     last = gray(prog / "x_0000.png").astype(int)
+    np.testing.assert_array_equal(last, gray(prog / "x0_0000.png"))
     assert np.abs(last - gray(outputs["gray"]).astype(int)).max() <= 1
+    # Before the last step x_{t-1} (noisier) and x0' differ.
+    assert not np.array_equal(gray(prog / "x_0002.png"), gray(prog / "x0_0002.png"))
 
 
 def test_raw_output_suffix_is_checked(outputs, model_args) -> None:
@@ -151,10 +158,11 @@ def test_size_mismatch_and_resize(tmp_path: Path, msrs, model_args) -> None:
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "o.png").size == (W + 6, H + 4)
     # The other direction, without running the model.
-    settings = batch.RunSettings(resize="ir", output="color")
-    prepared = batch.prepare(batch.Pair("p", ir, vis), settings)
-    assert prepared.vis.shape == prepared.ir.shape == (H, W) and prepared.color_source.shape == (H, W, 3)
-    assert prepared.vis.min() >= 0 and prepared.vis.max() <= 1 and prepared.resized == f"vis {W + 6}x{H + 4} -> {W}x{H}"
+    item = runner.read_pair(Pair.of(ir, vis), runner.RunConfig(resize="ir", output="color"))
+    assert item.prepared.out_hw == (H, W) and item.color_source.shape == (H, W, 3)
+    assert item.prepared.anchor.shape == item.prepared.partner.shape == (1, 1, 64, 64)  # padded to /32
+    assert item.prepared.anchor.min() >= -1 and item.prepared.anchor.max() <= 1
+    assert item.resized == f"vis {W + 6}x{H + 4} -> {W}x{H}"
 
 
 # --------------------------------------------------------------------------------------------------- folders
@@ -185,7 +193,7 @@ def folders(tmp_path: Path, msrs) -> tuple[Path, Path]:
 
 
 def _summary(out: Path) -> dict:
-    return json.loads((out / batch.SUMMARY_NAME).read_text())
+    return json.loads((out / SUMMARY_NAME).read_text())
 
 
 def test_folder_inputs_are_read(folders) -> None:
@@ -200,20 +208,20 @@ def test_folder_inputs_are_read(folders) -> None:
     exif[0x0112] = 6
     Image.open(vis_dir / "c.png").save(ir_dir / "rot.jpg", exif=exif)
     Image.open(vis_dir / "c.png").transpose(Image.Transpose.ROTATE_270).save(vis_dir / "rot.png")
-    prepared = batch.prepare(batch.Pair("rot", ir_dir / "rot.jpg", vis_dir / "rot.png"), batch.RunSettings())
-    assert prepared.ir.shape == prepared.vis.shape == (W, H)
+    item = runner.read_pair(Pair.of(ir_dir / "rot.jpg", vis_dir / "rot.png"), runner.RunConfig())
+    assert item.prepared.out_hw == (W, H)
 
 
 def test_interrupted_run_still_writes_its_summary(tmp_path: Path, folders, model_args, monkeypatch) -> None:
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(batch, "fuse_prepared", interrupt)
+    monkeypatch.setattr(runner, "fuse_batch", interrupt)
     ir_dir, vis_dir = folders
     out = tmp_path / "out"
     res = run(["--ir-dir", str(ir_dir), "--vis-dir", str(vis_dir), "-o", str(out), *model_args])
     assert res.exit_code != 0 and "Aborted" in res.output
-    assert [p.name for p in out.iterdir()] == [batch.SUMMARY_NAME]
+    assert [p.name for p in out.iterdir()] == [SUMMARY_NAME]
     s = _summary(out)
     assert s["complete"] is False and s["counts"]["done"] == 0 and s["finished"]
 
@@ -224,22 +232,24 @@ def test_folder_run_reports_bad_pairs_resumes_and_batches(tmp_path: Path, folder
     args = ["--ir-dir", str(ir_dir), "--vis-dir", str(vis_dir), "-o", str(out), *model_args]
     res = run(args)
     assert res.exit_code == 3, res.output  # some pairs failed
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", batch.SUMMARY_NAME]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", SUMMARY_NAME]
     assert all(Image.open(out / f"{s}.png").size == (W, H) for s in "ab")
     s = _summary(out)
     assert s["complete"] and s["counts"] == {"pairs": 4, "done": 2, "skipped": 0, "failed": 2, "unpaired": 2,
                                              "ignored": 1}
     assert [d["stem"] for d in s["done"]] == ["a", "b"] and s["done"][0]["size"] == [W, H]
     failed = {f["stem"]: f["reason"] for f in s["failed"]}
-    assert str(ir_dir / "c.png") in failed["c"] and "cannot be read" in failed["c"]
+    assert failed["c"].startswith(f"{ir_dir / 'c.png'}: ")  # io names the unreadable file, then why
     assert f"{W}x{H}" in failed["d"] and f"{W + 32}x{H}" in failed["d"]
     assert sorted(Path(u["file"]).name for u in s["unpaired"]) == ["only_ir.png", "only_vis.jpg"]
-    assert s["settings"]["seed"] == 3407 and s["settings"]["num_steps"] == 3
-    assert s["settings"]["size_policy"] == "pad" and s["inputs"] == {"ir": str(ir_dir), "vis": str(vis_dir)}
+    assert s["settings"]["sampler"]["seed"] == 3407 and s["settings"]["num_steps"] == 3
+    assert s["settings"]["sampler"]["steps"] == 3 and s["settings"]["sampler"]["size_policy"] == "pad"
+    assert s["inputs"] == {"ir": str(ir_dir), "vis": str(vis_dir)}
+    assert s["plan"]["backend"] == "torch" and s["plan"]["dtype"] == "fp32" and s["plan"]["fallbacks"] == []
     assert s["versions"]["torch"] and s["timing"]["images_per_s"] > 0
     assert "c:" in res.output and "only_ir.png" in res.output
     assert "2 fused, 0 skipped (output exists), 2 failed, 2 unpaired file(s); " in res.output
-    assert f"images/s; summary: {out / batch.SUMMARY_NAME}" in res.output
+    assert f"images/s; summary: {out / SUMMARY_NAME}" in res.output
 
     # Resume: existing outputs are skipped (files untouched); the bad pairs are retried and fail again.
     single = {k: gray(out / f"{k}.png") for k in "ab"}
@@ -249,16 +259,19 @@ def test_folder_run_reports_bad_pairs_resumes_and_batches(tmp_path: Path, folder
     s = _summary(out)
     assert s["counts"]["done"] == 0 and [k["stem"] for k in s["skipped"]] == ["a", "b"]
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == before
-    # Other settings on resume: a warning in the summary and on stderr, outputs kept.
+    # Other output-affecting settings on resume: refused, naming the setting, with nothing touched.
+    summary_before = (out / SUMMARY_NAME).read_bytes()
     res = run([*args, "--seed", "1"])
-    assert any("seed" in w for w in _summary(out)["warnings"]) and "warning" in res.output
+    assert res.exit_code == 1 and "seed 3407 -> 1" in res.output and "--overwrite" in res.output
+    assert (out / SUMMARY_NAME).read_bytes() == summary_before
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == before
 
     # --overwrite redoes them; --batch-size 2 fuses a and b together (same size) with one EM tau per image,
     # so the result equals the single runs up to float rounding (here: at most 1 grey level after the stretch).
     res = run([*args, "--overwrite", "--batch-size", "2"])
     assert res.exit_code == 3
     s = _summary(out)
-    assert [d["stem"] for d in s["done"]] == ["a", "b"] and not s["skipped"] and s["settings"]["batch_size"] == 2
+    assert [d["stem"] for d in s["done"]] == ["a", "b"] and not s["skipped"] and s["settings"]["run"]["batch_size"] == 2
     for k in "ab":
         assert np.abs(gray(out / f"{k}.png").astype(int) - single[k].astype(int)).max() <= 1
 
@@ -296,7 +309,7 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path: Path, folders, one_p
         (ir_dir / name).unlink()  # one pair is enough here
     res = run(["--ir-dir", str(ir_dir), "--vis-dir", str(vis_dir), "-o", str(tmp_path / "out"), *model_args])
     assert res.exit_code == 3
-    assert [p.name for p in (tmp_path / "out").iterdir()] == [batch.SUMMARY_NAME]  # no image, no .part file
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [SUMMARY_NAME]  # no image, no .part file
     (failure,) = _summary(tmp_path / "out")["failed"]
     assert failure["stem"] == "a" and "No space left" in failure["reason"]
 
@@ -312,7 +325,7 @@ def test_mif_folders(tmp_path: Path, data_dir: Path, model_args) -> None:
     res = run(["--mri-dir", str(mri), "--func-dir", str(pet), "-o", str(tmp_path / "o"), "--color", *model_args])
     assert res.exit_code == 0, res.output
     s = _summary(tmp_path / "o")
-    assert s["settings"]["mode"] == "mif" and s["inputs"] == {"func": str(pet), "mri": str(mri)}
+    assert s["settings"]["run"]["mode"] == "mif" and s["inputs"] == {"func": str(pet), "mri": str(mri)}
     assert s["done"][0]["func"] == str(pet / "11.png") and s["done"][0]["mri"] == str(mri / "11.png")
     assert io.has_chroma(np.asarray(Image.open(tmp_path / "o/11.png")))  # PET gives the colour
 
@@ -388,11 +401,19 @@ def test_usage_errors(tmp_path: Path, one_pair, model_args) -> None:
 
 
 def test_info() -> None:
+    from ddfm_fast.config import AccelConfig
+    from ddfm_fast.plan import plan
+
     res = run([], command="info")
     assert res.exit_code == 0, res.output
-    assert "torch:" in res.output and "(requested 'auto')" in res.output and "adm256-uncond" in res.output
+    assert "torch:" in res.output and "adm256-uncond" in res.output
+    # Per device, the plan of a default run and of --fast, each with the reasons a faster path is not taken.
+    assert f"    default: {plan('cpu', AccelConfig()).describe()}" in res.output
+    assert f"    --fast:  {plan('cpu', AccelConfig.fast()).describe()}" in res.output
+    assert "compile: not picked on a CPU" in res.output  # --fast on a CPU says why it stays eager
     rep = json.loads(run(["--json"], command="info").output)
     assert rep["devices"][0]["device"] == "cpu" and rep["presets"][0]["name"] == "adm256-uncond"
+    assert rep["devices"][0]["plan"]["fast"] == plan("cpu", AccelConfig.fast()).to_dict()
     assert rep["preset_search_dirs"]
 
 
@@ -416,7 +437,7 @@ def test_prior_none_tv_prox_and_fast_flags(tmp_path: Path, one_pair, model_args)
     res = run([ir, vis, "-o", str(tmp_path / "x.png"), "--tv-prox", "soft", *model_args])
     assert res.exit_code == 2 and "--tv-threshold" in res.output
     res = run([ir, vis, "-o", str(tmp_path / "x.png"), "--tv-threshold", "0.1", *model_args])
-    assert res.exit_code == 2 and "only applies" in res.output
+    assert res.exit_code == 2 and "--tv-threshold is only used with --tv-prox soft" in res.output
     res = run([ir, vis, "-o", str(tmp_path / "soft.png"), "--tv-prox", "soft", "--tv-threshold", "0.01",
                "--backend", "torch", *model_args, "--steps", "2"])
     assert res.exit_code == 0, res.output
@@ -425,3 +446,179 @@ def test_prior_none_tv_prox_and_fast_flags(tmp_path: Path, one_pair, model_args)
     assert res.exit_code == 0, res.output
     res = run([ir, vis, "-o", str(tmp_path / "x.png"), "--paper", "--prior", "none"])
     assert res.exit_code == 2 and "--prior none" in res.output
+
+
+# --------------------------------------------------------------------------------------------------- progress images
+
+
+def test_save_progress_writes_what_the_official_record_writes(tmp_path: Path, msrs, model_args, reference_dir) -> None:
+    """--save-progress's x_<idx>.png are the official p_sample_loop(record=True) images (ddfm_fast.compat), pixel
+    for pixel: Y of x_{t-1}, min-max, truncated. A 64x64 crop under --size-policy crop is what the official driver
+    feeds the sampler, and --tau-reduce batch is its EM reduction, so both runs compute the same floats."""
+
+    from ddfm_fast import api
+    from ddfm_fast.checkpoint import load_model
+    from ddfm_fast.compat import create_sampler
+
+    ir = crop(msrs[0], tmp_path / "ir.png", 300, 200, size=(64, 64))
+    vis = crop(msrs[1], tmp_path / "vis.png", 300, 200, size=(64, 64))
+    prog = tmp_path / "prog"
+    res = run([str(ir), str(vis), "-o", str(tmp_path / "o.png"), "--save-progress", "--progress-dir", str(prog),
+               "--size-policy", "crop", "--tau-reduce", "batch", *model_args])
+    assert res.exit_code == 0, res.output
+    pair = api.prepare_pair(ir, vis, "crop")
+    model = load_model(reference_dir / "tiny_unet.pt", config=reference_dir / "tiny_unet_config.json")
+    official = create_sampler(timestep_respacing=3, backend="torch")
+    official.p_sample_loop(model=model, x_start=api.initial_noise((1, 3, 64, 64), 3407), record=True,
+                           I=pair.anchor, V=pair.partner, save_root=tmp_path / "official", img_index="0",
+                           lamb=0.5, rho=0.001)
+    for idx in range(3):
+        ours = gray(prog / f"x_{idx:04d}.png")
+        np.testing.assert_array_equal(ours, gray(tmp_path / f"official/progress/0/x_{idx:04d}.png"))
+
+
+# --------------------------------------------------------------------------------------------------- resume
+
+
+RESUME_BASE = {"--steps": "1", "--tv-prox": "soft", "--tv-threshold": "0.05"}
+
+
+def _flags(model_args: list[str], changes: dict) -> list[str]:
+    """model_args with RESUME_BASE on top and ``changes`` on top of that (None removes a flag, True adds a switch)."""
+    merged: dict = {}
+    it = iter(model_args)
+    for name in it:
+        merged[name] = True if name.startswith("--no-") else next(it)
+    merged.update(RESUME_BASE)
+    merged.update(changes)
+    args: list[str] = []
+    for name, value in merged.items():
+        if value is None:
+            continue
+        args += [name] if value is True else [name, value]
+    return args
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory, data_dir: Path, model_args) -> dict:
+    """A finished folder run of one 40x36 pair (large enough for --size-policy crop), soft TV, 1 step."""
+    root = tmp_path_factory.mktemp("resume")
+    crop(data_dir / MSRS[0], root / "ir/p.png", 100, 100, size=(40, 36))
+    crop(data_dir / MSRS[1], root / "vis/p.png", 100, 100, size=(40, 36))
+    folders = ["--ir-dir", str(root / "ir"), "--vis-dir", str(root / "vis")]
+    res = run([*folders, "-o", str(root / "out"), *_flags(model_args, {})])
+    assert res.exit_code == 0, res.output
+    return {"root": root, "folders": folders}
+
+
+@pytest.mark.parametrize("named, changes", [
+    ("prior", {"--prior": "none", "--checkpoint": None, "--model-config": None}),
+    ("tv_prox", {"--tv-prox": None, "--tv-threshold": None}),
+    ("tv_threshold", {"--tv-threshold": "0.1"}),
+    ("steps", {"--steps": "2"}),
+    ("seed", {"--seed": "1"}),
+    ("lamb", {"--lamb": "0.25"}),
+    ("rho", {"--rho": "0.002"}),
+    ("tau_reduce", {"--tau-reduce": "batch"}),
+    ("clip", {"--no-clip": True}),
+    ("train_timesteps", {"--train-timesteps": "500"}),
+    ("checkpoint", {"--checkpoint": None, "--model-config": None}),  # the shipped prior instead
+    ("size_policy", {"--size-policy": "crop"}),
+    ("output", {"--raw": True}),
+    ("resize", {"--resize-to-ir": True}),
+    ("unet_dtype", {"--dtype": "bf16"}),
+])
+def test_resume_refuses_outputs_of_other_settings(tmp_path: Path, resumable, model_args, named, changes) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(resumable["root"] / "out", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = run([*resumable["folders"], "-o", str(out), *_flags(model_args, changes)])
+    assert res.exit_code == 1, res.output
+    error = res.output.strip().splitlines()[-1]
+    assert error.startswith("Error: ") and f"{named} " in error and "--overwrite" in error
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+    # --overwrite redoes the pair with the new settings.
+    res = run([*resumable["folders"], "-o", str(out), *_flags(model_args, changes), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert _summary(out)["counts"]["done"] == 1
+
+
+def test_resume_keeps_outputs_when_only_speed_settings_change(tmp_path: Path, resumable, model_args) -> None:
+    """Batch size, backend, compile, channels_last and --fast change float rounding only: the output is kept."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(resumable["root"] / "out", out)
+    output = (out / "p.png").read_bytes()
+    res = run([*resumable["folders"], "-o", str(out), *_flags(model_args, {}), "--batch-size", "2", "--compile",
+               "--compile-backend", "eager", "--channels-last", "--fast"])
+    assert res.exit_code == 0, res.output
+    s = _summary(out)
+    assert s["counts"]["skipped"] == 1 and s["counts"]["done"] == 0 and (out / "p.png").read_bytes() == output
+    assert s["settings"]["accel"]["compile"] is True and s["settings"]["run"]["batch_size"] == 2
+
+
+def test_resume_without_a_summary_keeps_outputs_and_says_so(tmp_path: Path, resumable, model_args) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(resumable["root"] / "out", out)
+    (out / SUMMARY_NAME).unlink()
+    res = run([*resumable["folders"], "-o", str(out), *_flags(model_args, {"--seed": "1"})])
+    assert res.exit_code == 0, res.output
+    assert "no ddfm_summary.json" in res.output and _summary(out)["counts"]["skipped"] == 1
+
+
+# --------------------------------------------------------------------------------------------------- plan, compile, TV
+
+
+@pytest.mark.slow  # ten Dynamo traces of the tiny step: about a minute on a loaded 2-core CPU
+def test_compiled_folder_of_ten_sizes_keeps_compile_on(tmp_path: Path, msrs, model_args) -> None:
+    """Ten pairs of ten model sizes under --compile (the eager backend: Dynamo tracing without code generation)
+    finish with compile on and no fallback: each size compiles its own step, so Dynamo's recompile limit (8 per
+    code object) is never reached."""
+    sizes = [(w, h) for w in (30, 60, 90, 104) for h in (30, 60, 90)][:10]  # padded: 10 distinct model sizes
+    for k, (w, h) in enumerate(sizes):
+        crop(msrs[0], tmp_path / f"ir/p{k}.png", 5 * k, 7 * k, size=(w, h))
+        crop(msrs[1], tmp_path / f"vis/p{k}.png", 5 * k, 7 * k, size=(w, h))
+    assert len({(-(-w // 32), -(-h // 32)) for w, h in sizes}) == 10
+    out = tmp_path / "out"
+    res = run(["--ir-dir", str(tmp_path / "ir"), "--vis-dir", str(tmp_path / "vis"), "-o", str(out),
+               *_flags(model_args, {"--tv-prox": None, "--tv-threshold": None}), "--compile",
+               "--compile-backend", "eager"])
+    assert res.exit_code == 0, res.output
+    s = _summary(out)
+    assert s["counts"]["done"] == 10
+    assert s["plan"]["compile"] is True and s["plan"]["compile_backend"] == "eager" and s["plan"]["fallbacks"] == []
+    assert "fell back" not in res.output and res.output.count("plan: ") == 1
+
+
+def test_plan_is_printed_once_and_a_bad_backend_is_one_line(tmp_path: Path, one_pair, model_args, monkeypatch) -> None:
+    ir, vis = map(str, one_pair)
+    res = run([ir, vis, "-o", str(tmp_path / "o.png"), *model_args])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("plan: cpu: torch tail, fp32, eager") == 1
+    monkeypatch.setenv("DDFM_FAST_BACKEND", "bogus")
+    res = run([ir, vis, "-o", str(tmp_path / "p.png"), *model_args])
+    assert res.exit_code == 1 and res.output.strip() == (
+        "Error: DDFM_FAST_BACKEND='bogus' is not a backend; choose one of auto, torch, triton")
+
+
+def test_em_only_soft_tv_is_not_the_shrink(tmp_path: Path, one_pair) -> None:
+    """--prior none passes the TV options to the EM iterations: the soft threshold gives other floats than the
+    official shrink. The TV sub-problem enters F with the weight rho = 0.001, so they differ by ~1e-5 (1.8e-5 on
+    an MSRS crop), far above float32 rounding of values below 1 (~1e-7), which the 1e-6 bound separates."""
+    import ddfm_fast
+
+    ir, vis = map(str, one_pair)
+    outs = {}
+    for name, flags in (("shrink", []), ("soft", ["--tv-prox", "soft", "--tv-threshold", "0.01"])):
+        outs[name] = tmp_path / f"{name}.npy"
+        res = run([ir, vis, "-o", str(outs[name]), "--prior", "none", "--steps", "3", "--raw-format", "npy", *flags])
+        assert res.exit_code == 0, res.output
+    shrink, soft = np.load(outs["shrink"]), np.load(outs["soft"])
+    assert np.abs(soft - shrink).max() > 1e-6
+    api = ddfm_fast.fuse(ir, vis, prior="none", steps=3, tv_prox="soft", tv_threshold=0.01, device="cpu")
+    np.testing.assert_array_equal(soft, io.luma_to_unit(api.luma))  # the CLI computes what the API computes

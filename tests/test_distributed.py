@@ -25,7 +25,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from ddfm_fast import batch, distributed
+from ddfm_fast import distributed
+from ddfm_fast.pairing import Pair, pair_sources
+from ddfm_fast.runner import RunConfig, run_folder
+from ddfm_fast.summary import SUMMARY_NAME, RunSummary
 from ddfm_fast.cli import main
 
 MSRS = ("ivf/MSRS/ir/00055D.png", "ivf/MSRS/vi/00055D.png")
@@ -105,15 +108,15 @@ def test_run_folder_shards_only_pending_pairs(tmp_path: Path) -> None:
     (out / ".z.abc.png.part").write_bytes(b"half")  # a write that a kill interrupted: not an output
     seen: list[list[str]] = []
 
-    def shard(pending: list[batch.Pair]) -> list[batch.Pair]:
+    def shard(pending: list[Pair]) -> list[Pair]:
         seen.append([p.stem for p in pending])
         return []  # another rank does them: nothing is fused here, so no model is needed
 
-    summary = batch.run_folder(None, batch.pair_folders(ir_dir, vis_dir), out, batch.RunSettings(),
-                               device=torch.device("cpu"), shard=shard, write_summary=False)
+    summary = run_folder(None, pair_sources(ir_dir, vis_dir), out, RunConfig(), device=torch.device("cpu"),
+                         shard=shard, write_summary=False)
     assert seen == [["x", "z"]]
     assert [s["stem"] for s in summary.skipped] == ["y"] and not summary.done and not summary.failed
-    assert summary.complete and not (out / batch.SUMMARY_NAME).exists()
+    assert summary.complete and not (out / SUMMARY_NAME).exists()
     # Every pending pair lands on exactly one rank, whatever the world size.
     for world in (1, 2, 3, 5):
         shards = distributed.lpt_shards(["x", "z"], [64, 64], world)
@@ -121,9 +124,10 @@ def test_run_folder_shards_only_pending_pairs(tmp_path: Path) -> None:
 
 
 def test_merge_summaries() -> None:
-    def part(done: list[str], failed: list[str], fusion_s: float, wall_s: float) -> batch.RunSummary:
-        s = batch.RunSummary(settings={"seed": 1}, inputs={"ir": "A"}, output_dir="O", complete=True,
-                             fusion_s=fusion_s, wall_s=wall_s)
+    def part(done: list[str], failed: list[str], fusion_s: float, wall_s: float,
+             fallbacks: tuple[str, ...] = ()) -> RunSummary:
+        s = RunSummary(settings={"seed": 1}, inputs={"ir": "A"}, output_dir="O", complete=True,
+                       fusion_s=fusion_s, wall_s=wall_s, plan={"dtype": "fp32", "fallbacks": list(fallbacks)})
         s.done = [{"stem": k} for k in done]
         s.failed = [{"stem": k, "reason": "bad"} for k in failed]
         return s
@@ -131,7 +135,7 @@ def test_merge_summaries() -> None:
     rank0 = part(["c", "a"], [], 2.0, 3.0)
     rank0.skipped = [{"stem": "z"}]
     rank0.unpaired = [{"file": "u.png", "reason": "alone"}]
-    parts = [(rank0, {"host": "h0", "device": "cuda:0"}), (part(["b"], ["f"], 0.5, 4.0), {"host": "h0"})]
+    parts = [(rank0, {"host": "h0", "device": "cuda:0"}), (part(["b"], ["f"], 0.5, 4.0, ("compile given up: x",)), {"host": "h0"})]
     doc = distributed.merge_summaries(parts, plan={"pairs": [2, 2], "pixels": [8, 5]}, backend="nccl")
     assert [d["stem"] for d in doc["done"]] == ["a", "b", "c"] and [d["rank"] for d in doc["done"]] == [0, 1, 0]
     assert doc["failed"] == [{"stem": "f", "reason": "bad", "rank": 1}]
@@ -142,6 +146,8 @@ def test_merge_summaries() -> None:
     assert doc["distributed"]["world_size"] == 2 and doc["distributed"]["backend"] == "nccl"
     assert [(r["rank"], r["done"], r["failed"], r["pairs_assigned"]) for r in ranks] == [(0, 2, 0, 2), (1, 1, 1, 2)]
     assert ranks[0]["device"] == "cuda:0" and ranks[1]["images_per_s"] == 2.0
+    # The summary's plan is rank 0's; a fast path another rank gave up is recorded with its rank.
+    assert doc["plan"]["fallbacks"] == ["rank 1: compile given up: x"] and ranks[1]["fallbacks"] == ["compile given up: x"]
 
 
 def test_single_pair_under_torchrun_is_a_usage_error(tmp_path: Path, monkeypatch) -> None:
@@ -207,7 +213,7 @@ def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _summary(out: Path) -> dict:
-    return json.loads((out / batch.SUMMARY_NAME).read_text())
+    return json.loads((out / SUMMARY_NAME).read_text())
 
 
 def _assert_same_outputs(out: Path, single: Path) -> None:
@@ -240,7 +246,7 @@ def test_torchrun_fuse_matches_single_process_and_reports_bad_pair(tmp_path: Pat
     rank_of = {stems[i]: r for r, shard in enumerate(expect) for i in shard}
     assert {d["stem"]: d["rank"] for d in s["done"]} == {k: rank_of[k] for k in GOOD}
     (failure,) = s["failed"]
-    assert failure["stem"] == BAD and failure["rank"] == rank_of[BAD] and "cannot be read" in failure["reason"]
+    assert failure["stem"] == BAD and failure["rank"] == rank_of[BAD] and failure["reason"].startswith(str(dataset[0] / f"{BAD}.png"))
     dist_info = s["distributed"]
     assert dist_info["world_size"] == 2 and dist_info["backend"] == "gloo"
     ranks = dist_info["ranks"]
@@ -250,7 +256,8 @@ def test_torchrun_fuse_matches_single_process_and_reports_bad_pair(tmp_path: Pat
         assert r["pairs_assigned"] == len(expect[r["rank"]])
     assert sum(r["done"] for r in ranks) == 5 and sum(r["failed"] for r in ranks) == 1
     assert s["timing"]["images_per_s"] == pytest.approx(sum(r["images_per_s"] for r in ranks), abs=1e-3)
-    assert s["settings"]["batch_size"] == 1 and s["settings"]["num_steps"] == 2
+    assert s["settings"]["run"]["batch_size"] == 1 and s["settings"]["num_steps"] == 2
+    assert s["plan"]["backend"] == "torch" and s["plan"]["fallbacks"] == []
     assert f"failed (rank {rank_of[BAD]}): {BAD}" in log and "on 2 ranks" in log
 
 

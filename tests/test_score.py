@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from ddfm_fast.batch import SUMMARY_NAME
+from ddfm_fast.summary import SUMMARY_NAME
 from ddfm_fast.cli_score import score_command
 from ddfm_fast.metrics import METRIC_NAMES, evaluate, read_gray_eval
 from ddfm_fast.scoring import (

@@ -1,0 +1,317 @@
+"""The command line's shared option groups and the one settings builder of ``fuse`` and ``score``.
+
+Each :class:`~ddfm_fast.config.SamplerConfig` field is one flag (:data:`SAMPLER_OPTIONS`) and each
+:class:`~ddfm_fast.config.AccelConfig` field one flag (:data:`ACCEL_OPTIONS`); their defaults are the configs'
+own, so no constant is typed twice. An option group is a decorator that adds its flags to a command and hands
+their values to it as one dict (``sampler=``, ``accel=``, ``model=``, ``run=``). :func:`build_run` maps the dicts
+onto a :class:`~ddfm_fast.runner.RunConfig`: ``--paper`` starts from ``SamplerConfig.paper()`` and rejects the
+flags that contradict it, ``--fast`` is ``AccelConfig.fast()`` (the execution plan decides per device), and a
+:class:`~ddfm_fast.config.ConfigError` becomes a usage error that names the flag. The helpers below it resolve
+the device and the execution plan once per run, load the model, and make the progress bars.
+
+Adding a sampler option: one field in ``SamplerConfig`` and one entry in :data:`SAMPLER_OPTIONS`
+(``tests/test_cli_options.py`` fails until both exist).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import sys
+import warnings
+from typing import Any, Callable, Optional
+
+import click
+from click.core import ParameterSource
+
+from ddfm_fast.config import (
+    BACKENDS,
+    COMPILE_BACKENDS,
+    COMPILE_MODES,
+    DTYPE_NAMES,
+    MAX_SEED,
+    PRIORS,
+    SIZE_POLICIES,
+    TAU_REDUCES,
+    TV_PROXES,
+    AccelConfig,
+    ConfigError,
+    SamplerConfig,
+)
+from ddfm_fast.runner import RunConfig
+
+Spec = tuple[tuple[str, ...], dict[str, Any]]  # click.option's (param_decls, attrs)
+_SAMPLER_DEFAULTS = SamplerConfig()
+
+
+def _default(name: str) -> Any:
+    return getattr(_SAMPLER_DEFAULTS, name)
+
+
+SAMPLER_OPTIONS: dict[str, Spec] = {
+    "prior": (("--prior",), dict(type=click.Choice(PRIORS), default=_default("prior"), show_default=True,
+              help="'none': the paper's ablation I, EM iterations only from (I+V)/2 (--steps iterations, default "
+                   "100); no model, so no --checkpoint.")),
+    "steps": (("--steps",), dict(metavar="N", default=None,
+              help="DDIM steps (respacing: N, 'N1,N2' or 'ddimN'); default: the model's own (100 for the "
+                   "paper's). With --prior none: EM iterations.")),
+    "seed": (("--seed",), dict(type=click.IntRange(0, MAX_SEED), default=_default("seed"), show_default=True,
+             help="Seed of each image's initial noise (a CPU generator per image).")),
+    "lamb": (("--lamb",), dict(type=click.FloatRange(min=0, min_open=True), default=_default("lamb"),
+             show_default=True, help="EM step TV weight lambda (Eq. 21).")),
+    "rho": (("--rho",), dict(type=click.FloatRange(min=0, min_open=True), default=_default("rho"),
+            show_default=True, help="EM step ADMM penalty rho (Eqs. 22-27).")),
+    "tau_reduce": (("--tau-reduce",), dict(type=click.Choice(TAU_REDUCES), default=_default("tau_reduce"),
+                   show_default=True,
+                   help="EM tau_a, tau_b (Eq. 17): one per image (a batch fuses each image as alone) or one mean "
+                        "over the batch (the official code; the same for one image).")),
+    "clip": (("--clip/--no-clip",), dict(default=_default("clip"), show_default=True,
+             help="Clamp the x0 prediction to [-1, 1] before the EM step (official clip_denoised).")),
+    "tv_prox": (("--tv-prox",), dict(type=click.Choice(TV_PROXES), default=_default("tv_prox"), show_default=True,
+                help="EM step's F update: 'shrink' (the official code) or 'soft' (the paper's Eqs. 26-27 soft "
+                     "threshold; needs --tv-threshold, since the paper's lamb/rho = 500 zeroes every gradient).")),
+    "tv_threshold": (("--tv-threshold",), dict(type=click.FloatRange(min=0), default=_default("tv_threshold"),
+                     help="Soft threshold kappa for --tv-prox soft (e.g. 0.01).")),
+    "size_policy": (("--size-policy",), dict(type=click.Choice(SIZE_POLICIES), default=_default("size_policy"),
+                    show_default=True,
+                    help="pad: reflect-pad to /32 and crop back (no pixel lost); crop: official top-left crop "
+                         "to /32.")),
+    "train_timesteps": (("--train-timesteps",), dict(type=click.IntRange(min=1), default=_default("train_timesteps"),
+                        show_default=True, help="Length of the model's training noise schedule (ADM models: 1000).")),
+}
+
+ACCEL_OPTIONS: dict[str, Spec] = {
+    "dtype": (("--dtype",), dict(type=click.Choice([*DTYPE_NAMES, "auto"]), default=None,
+              help="UNet body precision (GroupNorm, softmax and the EM step stay fp32); auto: the plan's choice "
+                   "(fp16 on CUDA, fp32 on a CPU). Default fp32, with --fast auto.")),
+    "channels_last": (("--channels-last/--no-channels-last",), dict(default=None,
+                      help="NHWC memory format for the UNet's convolutions (default off).")),
+    "compile": (("--compile/--no-compile",), dict(default=None,
+                help="torch.compile the whole step, fullgraph (default off; with --fast the plan's choice).")),
+    "compile_mode": (("--compile-mode",), dict(type=click.Choice(COMPILE_MODES), default=None,
+                     help="Inductor's mode (default 'default'; max-autotune takes minutes to compile).")),
+    "compile_backend": (("--compile-backend",), dict(type=click.Choice(COMPILE_BACKENDS), default=None,
+                        help="torch.compile backend (default inductor). eager and aot_eager trace the step "
+                             "without generating code: a debugging and testing aid (graph breaks, the compile "
+                             "cache), not faster.")),
+    "cuda_graphs": (("--cuda-graphs/--no-cuda-graphs",), dict(default=None,
+                    help="Capture one step as a CUDA graph and replay it for every step (CUDA only).")),
+    "backend": (("--backend",), dict(type=click.Choice(BACKENDS), default=None,
+                help="Step-tail backend (default auto; DDFM_FAST_BACKEND overrides).")),
+}
+
+MODEL_OPTIONS: list[Spec] = [
+    (("--checkpoint",), dict(metavar="PATH|PRESET",
+     help="UNet weights (.pt/.pth/.safetensors) or a preset name (see `ddfm-fast info`); default: the shipped "
+          "prior ddfm-small.")),
+    (("--model-config",), dict(type=click.Path(dir_okay=False),
+     help="JSON/YAML create_model arguments, when the checkpoint does not carry them.")),
+    (("--paper",), dict(is_flag=True,
+     help="The official protocol: SamplerConfig.paper() (top-left crop to /32, seed 3407, lamb 0.5, rho 0.001), "
+          "the gray output, batch size 1, and the paper's prior adm256-uncond with its 100 steps unless "
+          "--checkpoint / --steps say otherwise. Contradicting flags are rejected.")),
+]
+
+RUN_OPTIONS: list[Spec] = [
+    (("--device",), dict(help="torch device, e.g. cuda, cuda:1, cpu; default CUDA when available.")),
+    (("--batch-size",), dict(type=click.IntRange(min=1), default=1, show_default=True,
+     help="Fuse up to N same-size pairs at once (one EM tau per image; equal to single runs up to float "
+          "rounding).")),
+    (("--overwrite",), dict(is_flag=True, help="Redo pairs whose output exists (default: keep them, resume).")),
+    (("--progress-bar/--no-progress-bar", "progress_bar"), dict(default=None,
+     help="Show progress bars on stderr (default: only on a terminal).")),
+]
+
+FAST_OPTION: Spec = (("--fast",), dict(is_flag=True,
+                     help="AccelConfig.fast(): the fastest path the execution plan knows for the device (on CUDA "
+                          "fp16, compile, Triton tail, CUDA graphs; on a CPU fp32 eager, and it says why). "
+                          "Explicit acceleration flags override it."))
+
+
+def option_group(dest: str, specs: list[Spec]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding ``specs`` to a command; the command receives their values as one dict ``dest=``."""
+    names = [click.Option(decls, **attrs).name for decls, attrs in specs]
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs[dest] = {name: kwargs.pop(name) for name in names}
+            return f(*args, **kwargs)
+
+        for decls, attrs in reversed(specs):  # click lists options in decorator order, top first
+            wrapper = click.option(*decls, **attrs)(wrapper)
+        return wrapper
+
+    return decorate
+
+
+sampler_options = option_group("sampler", list(SAMPLER_OPTIONS.values()))
+accel_options = option_group("accel", [*ACCEL_OPTIONS.values(), FAST_OPTION])
+model_options = option_group("model", MODEL_OPTIONS)
+run_options = option_group("run", RUN_OPTIONS)
+
+
+# --------------------------------------------------------------------------------------------------- flags
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``tv_threshold`` -> ``--tv-threshold``."""
+    return "--" + name.replace("_", "-")
+
+
+_FIELDS = sorted({*SAMPLER_OPTIONS, *ACCEL_OPTIONS, *(f.name for f in dataclasses.fields(RunConfig))},
+                 key=len, reverse=True)
+
+
+def usage_error(exc: ConfigError) -> click.UsageError:
+    """A :class:`ConfigError` (whose message starts with the field it is about) as a usage error in flags.
+
+    ``tv_prox='soft' needs an explicit tv_threshold`` reads ``--tv-prox soft needs an explicit --tv-threshold``:
+    the leading field, every ``field='value'``, and every field name with an underscore are written as flags.
+    """
+    text = str(exc)
+    for name in _FIELDS:
+        text = re.sub(rf"\b{name}='([^']*)'", lambda m, n=name: f"{flag(n)} {m.group(1)}", text)
+        if "_" in name:
+            text = re.sub(rf"(?<![-\w]){name}\b", flag(name), text)
+        elif re.match(rf"{name}\b", text):
+            text = flag(name) + text[len(name):]
+    return click.UsageError(text)
+
+
+def explicit(ctx: click.Context, name: str) -> bool:
+    """True when the user gave option ``name`` (not its default)."""
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+
+
+def _as_flag(name: str, value: Any) -> str:
+    spec = SAMPLER_OPTIONS.get(name)
+    if spec is not None and "/" in spec[0][0]:  # a boolean --x/--no-x flag
+        on, off = spec[0][0].split("/")
+        return on if value else off
+    return f"{flag(name)} {value}"
+
+
+# --------------------------------------------------------------------------------------------------- builder
+
+
+def paper_conflicts(given: dict[str, Any], *, output: str, output_flag: Optional[str], resize: Optional[str],
+                    batch_size: int) -> list[str]:
+    """The flags that contradict ``--paper`` (explicit values equal to the protocol's are fine; ``--steps`` and
+    ``--checkpoint`` may change the model and its steps)."""
+    paper = SamplerConfig.paper()
+    conflicts = [f"{_as_flag(k, v)} (the paper uses {getattr(paper, k)})"
+                 for k, v in given.items() if k != "steps" and v != getattr(paper, k)]
+    if output != "gray":
+        conflicts.append(f"{output_flag or '--' + output} (the paper writes the min-max stretched 8-bit gray output)")
+    if resize is not None:
+        conflicts.append("--resize-to-* (the paper fuses registered pairs of equal size)")
+    if batch_size != 1:
+        conflicts.append(f"--batch-size {batch_size} (the official driver fuses one image at a time)")
+    return conflicts
+
+
+def accel_config(accel: dict[str, Any]) -> AccelConfig:
+    """``--fast`` (``AccelConfig.fast()``) or the faithful default, with the explicit acceleration flags on top."""
+    given = {k: v for k, v in accel.items() if k in ACCEL_OPTIONS and v is not None}
+    if given.get("dtype") == "auto":
+        given["dtype"] = None
+    base = AccelConfig.fast() if accel.get("fast") else AccelConfig()
+    return base.replace(**given)
+
+
+def build_run(ctx: click.Context, *, sampler: dict[str, Any], accel: dict[str, Any], model: dict[str, Any],
+              run: dict[str, Any], mode: str, output: str = "gray", output_flag: Optional[str] = None,
+              resize: Optional[str] = None) -> RunConfig:
+    """The run the flags describe (``fuse`` and ``score``); bad or contradicting flags are a usage error."""
+    given = {k: v for k, v in sampler.items() if explicit(ctx, k)}
+    checkpoint = model["checkpoint"]
+    try:
+        if model["paper"]:
+            conflicts = paper_conflicts(given, output=output, output_flag=output_flag, resize=resize,
+                                        batch_size=run["batch_size"])
+            if conflicts:
+                raise click.UsageError("--paper sets the official protocol and cannot be combined with: "
+                                       + "; ".join(conflicts))
+            from ddfm_fast.checkpoint import DEFAULT_PRESET
+
+            sampler_cfg = SamplerConfig.paper(**{**given, "steps": sampler["steps"]})
+            checkpoint = checkpoint or DEFAULT_PRESET
+        else:
+            sampler_cfg = SamplerConfig(**sampler)
+        return RunConfig(sampler=sampler_cfg, accel=accel_config(accel), mode=mode, output=output,
+                         resize=resize, checkpoint=checkpoint, model_config=model["model_config"],
+                         batch_size=run["batch_size"])
+    except ConfigError as exc:
+        raise usage_error(exc) from exc
+
+
+# --------------------------------------------------------------------------------------------------- run-time
+
+
+def resolve_device(text: Optional[str]) -> Any:
+    """``--device`` as a torch device (default CUDA when available); a device that cannot run is a usage error."""
+    from ddfm_fast.api import default_device
+    from ddfm_fast.plan import BackendError, check_device
+
+    if text is None:
+        return default_device()
+    try:
+        return check_device(text)
+    except BackendError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
+
+
+def resolve_plan(run: RunConfig, device: Any) -> Any:
+    """The execution plan of this run on ``device`` (None for EM only), printed once on stderr.
+
+    A backend asked for explicitly that cannot run here (``BackendError``) is a one-line error.
+    """
+    from ddfm_fast.plan import BackendError, plan
+
+    if run.sampler.prior == "none":
+        click.echo("plan: EM only (--prior none): no UNet step, so the accelerations do not apply", err=True)
+        return None
+    try:
+        chosen = plan(device, run.accel)
+    except BackendError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"plan: {chosen.describe()}", err=True)
+    return chosen
+
+
+def report_fallbacks(plan: Any) -> None:
+    """Say, at the end of a run, which fast paths the run gave up (the plan that ran records them)."""
+    for fallback in [] if plan is None else plan.fallbacks:
+        click.echo(f"fell back: {fallback}", err=True)
+
+
+def load_model(run: RunConfig, device: Any) -> Any:
+    """The run's model on ``device`` (None for EM only), loaded strictly; the shipped prior is announced in one
+    line. A missing or broken checkpoint is a one-line error naming the file."""
+    if run.sampler.prior == "none":
+        return None
+    from ddfm_fast.api import DefaultPriorNotice, NoDefaultModelError, resolve_model
+    from ddfm_fast.checkpoint import CheckpointError
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DefaultPriorNotice)
+            model = resolve_model(run.checkpoint, model_config=run.model_config, device=device)
+    except (NoDefaultModelError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for w in caught:  # the notice about the shipped prior as one line; any other warning passed on as it was
+        if issubclass(w.category, DefaultPriorNotice):
+            click.echo(str(w.message), err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
+
+
+def bar_factory(enabled: Optional[bool]) -> Any:
+    """A tqdm factory on stderr; ``None`` shows the bars only when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    return functools.partial(tqdm, file=sys.stderr, dynamic_ncols=True,
+                             disable=None if enabled is None else not enabled)
