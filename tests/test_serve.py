@@ -130,6 +130,24 @@ def test_upload_limits_and_reader_errors(images: dict[str, Path]) -> None:
         manager.close()
 
 
+def test_uploads_get_the_readers_pixel_cap(images: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI's cap (DDFM_FAST_MAX_PIXELS, checked from the header) applies to uploads as to files on disk.
+    monkeypatch.setenv(io.MAX_PIXELS_ENV, str(128 * 96 - 1))
+    try:
+        io.read_gray(images["ir"])
+    except io.ImageReadError as exc:
+        expected = str(exc).replace(str(images["ir"]), "infrared image ir.png")
+    else:
+        raise AssertionError("the pixel cap did not apply")
+    manager = JobManager(None, torch.device("cpu"))
+    try:
+        with pytest.raises(UploadError) as caught:
+            manager.add_upload(images["ir"].read_bytes(), "infrared image ir.png", ".png")
+        assert str(caught.value) == expected and "nothing was decoded" in expected
+    finally:
+        manager.close()
+
+
 def test_nonfinite_result_is_an_error_with_the_samplers_words(images: dict[str, Path]) -> None:
     manager = JobManager(_NaNModel(), torch.device("cpu"), model_name="nan")
     try:

@@ -4,11 +4,12 @@ Nothing here knows about HTTP: :class:`JobManager` takes decoded :class:`Upload`
 :class:`JobRequest`, runs one job at a time on a worker thread (the model is loaded once and used by that thread
 only), and keeps a small, bounded record of recent jobs that the web layer turns into JSON and PNG responses.
 
-Uploads are decoded by the command line's own readers (:func:`ddfm_fast.io.read_gray`, :func:`ddfm_fast.io.read_rgb8`,
-:func:`ddfm_fast.metrics.read_gray_eval`), which read a path: the bytes are written to a file the server names
-itself, inside a private temporary folder that is removed right after decoding, so every check those readers make
-on a file (its header, its pixel count, its mode) applies to an upload exactly as to a file given to
-``ddfm-fast fuse``. Nothing the client sends is used as a path: its file name is only a label in messages, and the
+Uploads are decoded by the command line's own readers (:func:`ddfm_fast.io.open_image`, then
+:func:`ddfm_fast.io.read_gray` and :func:`ddfm_fast.io.read_rgb8` on the decoded image, and
+:func:`ddfm_fast.metrics.read_gray_eval` for the metrics), which read a path: the bytes are written to a file the
+server names itself, inside a private temporary folder that is removed right after decoding, so every check those
+readers make on a file (the pixel cap from the header before decoding, one frame, the mode) applies to an upload
+exactly as to a file given to ``ddfm-fast fuse``. Nothing the client sends is used as a path: its file name is only a label in messages, and the
 temporary path is replaced by that label in any error, so the page shows the command line's words.
 
 Cancel: the sampler calls a per-step callback (:class:`~ddfm_fast.sampler.StepOutput`); the job's callback raises
@@ -159,9 +160,10 @@ def decode_upload(data: bytes, label: str, *, suffix: str = "") -> Upload:
         path = Path(folder) / f"upload{suffix}"
         path.write_bytes(data)
         try:
-            gray = io.read_gray(path)
-            rgb8 = io.read_rgb8(path)
-            eval_gray = read_gray_eval(path)
+            decoded = io.open_image(path)  # the header checks (pixel cap, one frame), then one decode
+            gray = io.read_gray(decoded)
+            rgb8 = io.read_rgb8(decoded)
+            eval_gray = read_gray_eval(path)  # the evaluator's own reading (16-bit: the high byte), after the cap
         except (io.ImageReadError, ValueError, OSError, Image.DecompressionBombError) as exc:
             # The readers name the file by its path; the page names it by the client's label.
             raise UploadError(str(exc).replace(str(path), label)) from None
