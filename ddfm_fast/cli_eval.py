@@ -14,6 +14,7 @@ from typing import Any, Optional
 import click
 from tqdm import tqdm
 
+from ddfm_fast import cli_options as opts
 from ddfm_fast import evaluation as ev
 from ddfm_fast.metrics import METRIC_NAMES, VARIANTS
 from ddfm_fast.pairing import InputError, pair_by_stem, roles
@@ -43,26 +44,6 @@ def _bar(desc: str, show: bool = True) -> Any:
 # ----------------------------------------------------------------------------------------------------- eval
 
 
-def _resolve_mode(mode: Optional[str], ir: Optional[Path], vis: Optional[Path], func: Optional[Path],
-                  mri: Optional[Path]) -> tuple[str, Path, Path]:
-    ivf_given, mif_given = (ir or vis) is not None, (func or mri) is not None
-    if mode is None:
-        if ivf_given and mif_given:
-            raise click.UsageError("give either --ir-dir/--vis-dir (ivf) or --func-dir/--mri-dir (mif), not both")
-        mode = "mif" if mif_given else "ivf"
-    if mode == "ivf":
-        if mif_given:
-            raise click.UsageError("--func-dir/--mri-dir belong to --mode mif; use --ir-dir/--vis-dir with ivf")
-        if ir is None or vis is None:
-            raise click.UsageError("--mode ivf needs both --ir-dir (A) and --vis-dir (B)")
-        return mode, ir, vis
-    if ivf_given:
-        raise click.UsageError("--ir-dir/--vis-dir belong to --mode ivf; use --func-dir/--mri-dir with mif")
-    if func is None or mri is None:
-        raise click.UsageError("--mode mif needs both --func-dir (A: CT/PET/SPECT) and --mri-dir (B: MRI)")
-    return mode, func, mri
-
-
 @click.command("eval")
 @click.option("--fused", "fused_dir", type=_DIR, required=True, help="Folder of fused images.")
 @click.option("--ir-dir", type=_DIR, help="IVF: folder of infrared images (A).")
@@ -89,7 +70,9 @@ def eval_command(fused_dir: Path, ir_dir: Optional[Path], vis_dir: Optional[Path
     the mean; unreadable files, missing partners and size mismatches are listed on stderr and skipped.
     Exit code 1 if no image could be scored.
     """
-    mode, a_dir, b_dir = _resolve_mode(mode, ir_dir, vis_dir, func_dir, mri_dir)
+    mode, a_dir, b_dir = opts.mode_and_folders(mode, dict(ir_dir=ir_dir, vis_dir=vis_dir, func_dir=func_dir,
+                                                          mri_dir=mri_dir))
+    opts.require_both(mode, a_dir, b_dir, what=f"eval --mode {mode}")
     try:
         pairing = ev.pair_for_eval(fused_dir, a_dir, b_dir, mode)
     except InputError as exc:

@@ -122,30 +122,19 @@ class Job:
 def _job(mode: Optional[str], ir: Optional[Path], vis: Optional[Path], dirs: dict[str, Optional[Path]],
          out: Path) -> Job:
     """The mode (``--mri-dir`` / ``--func-dir`` imply mif) and the inputs, checked for a usable combination."""
-    given = {m: [f"--{k.replace('_', '-')}" for k in keys if dirs[k] is not None]
-             for m, keys in (("ivf", ("ir_dir", "vis_dir")), ("mif", ("func_dir", "mri_dir")))}
-    if given["ivf"] and given["mif"]:
-        raise click.UsageError(f"{', '.join(given['ivf'])} (ivf) and {', '.join(given['mif'])} (mif) cannot be combined")
-    mode = mode or ("mif" if given["mif"] else "ivf")
-    other = "mif" if mode == "ivf" else "ivf"
-    if given[other]:
-        mine = "--ir-dir and --vis-dir" if mode == "ivf" else "--func-dir and --mri-dir"
-        raise click.UsageError(f"{', '.join(given[other])} belong to --mode {other}; in {mode} mode use {mine}")
+    mode, ir_dir, vis_dir = opts.mode_and_folders(mode, dirs)
     r = roles(mode)
-    ir_dir, vis_dir = (dirs["ir_dir"], dirs["vis_dir"]) if mode == "ivf" else (dirs["func_dir"], dirs["mri_dir"])
     if (ir_dir or vis_dir) and (ir or vis):
         raise click.UsageError("give either two image files or two folders, not both")
     if not (ir_dir or vis_dir or ir or vis):
         raise click.UsageError(f"nothing to fuse: give two images ({r.ir.upper()} {r.vis.upper()}) or the folders "
                                f"(--{r.ir}-dir and --{r.vis}-dir)")
-    if (ir or vis) and not (ir and vis):
-        raise click.UsageError(f"one pair needs two images: {r.ir.upper()} (the {r.ir_long}) and "
-                               f"{r.vis.upper()} (the {r.vis_long})")
-    if (ir_dir or vis_dir) and not (ir_dir and vis_dir):
-        missing = f"--{r.ir}-dir" if ir_dir is None else f"--{r.vis}-dir"
-        raise click.UsageError(f"a folder run needs both --{r.ir}-dir and --{r.vis}-dir; {missing} is missing")
-    if ir and vis:
+    if ir or vis:
+        if not (ir and vis):
+            raise click.UsageError(f"one pair needs two images: {r.ir.upper()} (the {r.ir_long}) and "
+                                   f"{r.vis.upper()} (the {r.vis_long})")
         return Job(r, out, pair=Pair.of(ir, vis))
+    opts.require_both(mode, ir_dir, vis_dir)
     return Job(r, out, ir_dir=ir_dir, vis_dir=vis_dir)
 
 

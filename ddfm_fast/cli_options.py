@@ -108,8 +108,8 @@ MODEL_OPTIONS: list[Spec] = [
     (("--model-config",), dict(type=click.Path(dir_okay=False),
      help="JSON/YAML create_model arguments, when the checkpoint does not carry them.")),
     (("--paper",), dict(is_flag=True,
-     help="The official protocol: SamplerConfig.paper() (top-left crop to /32, seed 3407, lamb 0.5, rho 0.001), "
-          "the gray output, batch size 1, and the paper's prior adm256-uncond with its 100 steps unless "
+     help="The official protocol: top-left crop to /32, seed 3407, lamb 0.5, rho 0.001, one EM tau over the "
+          "batch, the gray output, batch size 1, and the paper's prior adm256-uncond with its 100 steps unless "
           "--checkpoint / --steps say otherwise. Contradicting flags are rejected.")),
 ]
 
@@ -245,6 +245,36 @@ def build_run(ctx: click.Context, *, sampler: dict[str, Any], accel: dict[str, A
                          batch_size=run["batch_size"])
     except ConfigError as exc:
         raise usage_error(exc) from exc
+
+
+# --------------------------------------------------------------------------------------------------- modes
+
+
+_MODE_FOLDERS = {"ivf": ("ir_dir", "vis_dir"), "mif": ("func_dir", "mri_dir")}
+
+
+def mode_and_folders(mode: Optional[str], dirs: dict[str, Any]) -> tuple[str, Any, Any]:
+    """The fusion mode from ``--mode`` and the folder options (``--func-dir`` / ``--mri-dir`` imply mif), and
+    the folders of its ir side and vis side (either may be None). ``dirs`` holds the four folder options."""
+    given = {m: [flag(k) for k in keys if dirs[k] is not None] for m, keys in _MODE_FOLDERS.items()}
+    if given["ivf"] and given["mif"]:
+        raise click.UsageError(f"{', '.join(given['ivf'])} (ivf) and {', '.join(given['mif'])} (mif) cannot be "
+                               "combined: give the folders of one mode, not both")
+    mode = mode or ("mif" if given["mif"] else "ivf")
+    other = "mif" if mode == "ivf" else "ivf"
+    if given[other]:
+        mine = " and ".join(flag(k) for k in _MODE_FOLDERS[mode])
+        raise click.UsageError(f"{', '.join(given[other])} belong to --mode {other}; in {mode} mode use {mine}")
+    ir_key, vis_key = _MODE_FOLDERS[mode]
+    return mode, dirs[ir_key], dirs[vis_key]
+
+
+def require_both(mode: str, ir_dir: Any, vis_dir: Any, what: str = "a folder run") -> None:
+    """Both folders of ``mode`` given, else a usage error naming the missing one."""
+    ir_flag, vis_flag = (flag(k) for k in _MODE_FOLDERS[mode])
+    if ir_dir is None or vis_dir is None:
+        missing = ir_flag if ir_dir is None else vis_flag
+        raise click.UsageError(f"{what} needs both {ir_flag} and {vis_flag}; {missing} is missing")
 
 
 # --------------------------------------------------------------------------------------------------- run-time

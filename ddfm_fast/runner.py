@@ -215,27 +215,17 @@ def read_pair(pair: Pair, run: RunConfig) -> ReadPair:
             color = io.read_rgb8(img, name=str(side))
     except io.ImageReadError as exc:
         raise PairError(str(exc)) from exc
-    resized = None
-    if ir.shape != vis.shape:
-        if run.resize is None:
-            raise PairError(
-                f"the two images differ in size: {r.ir} {pair.ir} is {_size(ir)}, {r.vis} {pair.vis} is "
-                f"{_size(vis)} (width x height); resize one to the other (--resize-to-{r.ir} / "
-                f"--resize-to-{r.vis}, resize='ir'|'vis' in the API) or fix the inputs"
-            )
-        keep, change = ("ir", "vis") if run.resize == "ir" else ("vis", "ir")
-        target = ir.shape if keep == "ir" else vis.shape
-        resized = f"{getattr(r, change)} {_size(vis if change == 'vis' else ir)} -> {target[1]}x{target[0]}"
-        if change == "vis":
-            vis = io.resize_gray(vis, target)
-        else:
-            ir = io.resize_gray(ir, target)
-        if color is not None and r.color_side == change:
-            color = io.resize_rgb8(color, target)
     try:
-        prepared = api.prepare_arrays(ir, vis, run.sampler.size_policy, ir_name=str(pair.ir), vis_name=str(pair.vis))
-    except ValueError as exc:  # e.g. smaller than the model's multiple under the crop policy
-        raise PairError(f"{pair.ir}, {pair.vis}: {exc}") from exc
+        prepared = api.prepare_arrays(ir, vis, run.sampler.size_policy, ir_name=str(pair.ir), vis_name=str(pair.vis),
+                                      resize=run.resize)
+    except ValueError as exc:  # sizes differ (without resize), or too small for the crop policy
+        raise PairError(str(exc) if str(pair.ir) in str(exc) else f"{pair.ir}, {pair.vis}: {exc}") from exc
+    resized = None
+    if ir.shape != vis.shape:  # prepare_arrays resized one side to prepared.in_hw
+        side, before = (r.vis, vis) if run.resize == "ir" else (r.ir, ir)
+        resized = f"{side} {_size(before)} -> {prepared.in_hw[1]}x{prepared.in_hw[0]}"
+        if color is not None and color.shape[:2] != prepared.in_hw:
+            color = io.resize_rgb8(color, prepared.in_hw)
     return ReadPair(pair, prepared, color, resized)
 
 

@@ -446,6 +446,8 @@ def test_prior_none_tv_prox_and_fast_flags(tmp_path: Path, one_pair, model_args)
     assert res.exit_code == 0, res.output
     res = run([ir, vis, "-o", str(tmp_path / "x.png"), "--paper", "--prior", "none"])
     assert res.exit_code == 2 and "--prior none" in res.output
+    res = run([ir, vis, "-o", str(tmp_path / "x.png"), "--prior", "none", "--save-progress"])
+    assert res.exit_code == 2 and "--save-progress" in res.output and not (tmp_path / "x.png").exists()
 
 
 # --------------------------------------------------------------------------------------------------- progress images
