@@ -20,9 +20,11 @@ import json
 import os
 import re
 import stat
+import struct
 import sys
 import tempfile
 import threading
+import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +243,15 @@ class DecodedImage:
         return int(self.pixels.shape[1]), int(self.pixels.shape[0])
 
 
+# What Pillow's decoders and plugins raise for corrupt or hostile data (seen when fuzzing: OSError for most data
+# errors, TypeError and ValueError for broken TIFF directories; SyntaxError for broken PNG chunks, EOFError and
+# struct.error for truncated headers, IndexError / KeyError for out-of-range palette or tag values). Other types
+# (AttributeError, RuntimeError, ...) would be a bug here and are left to surface.
+_CORRUPT = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, KeyError, struct.error, zlib.error,
+            MemoryError, OverflowError, ZeroDivisionError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning)
+
+
 def _reason(exc: BaseException) -> str:
     """An exception's text on one line (Pillow's corrupt-file errors come in many types, some without text)."""
     if isinstance(exc, MemoryError):
@@ -401,6 +412,59 @@ def _decode_ppm16(fh: BinaryIO, img: Image.Image, label: str) -> np.ndarray:
     return np.rint(v * (65535.0 / maxval)).astype(np.uint16)
 
 
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples a pixel
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_rows_missing(fh: BinaryIO) -> tuple[int, int, bool] | None:
+    """(bytes found, bytes the header promises, whether the file itself ends early) when a PNG's image data is
+    shorter than its header says, else None.
+
+    Pillow stops decoding where the compressed stream ends and leaves the rest of the image black, so a PNG whose
+    header promises more rows than its data holds would be read without a word. The stream is inflated once more
+    here (a few ms for 640x480; memory bounded) and its length compared with what the header implies.
+    """
+    fh.seek(8)
+    head = fh.read(25)
+    if len(head) < 25 or head[4:8] != b"IHDR":
+        return None
+    w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", head[8:21])
+    if ctype not in _PNG_CHANNELS:
+        return None
+    bits = depth * _PNG_CHANNELS[ctype]
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    expected = 0
+    for x0, y0, dx, dy in passes:
+        pw, ph = -(-(w - x0) // dx), -(-(h - y0) // dy)
+        if pw > 0 and ph > 0:
+            expected += ph * (1 + -(-pw * bits // 8))
+    inflate, found, cut = zlib.decompressobj(), 0, False
+    fh.seek(8)
+    while found < expected:
+        header = fh.read(8)
+        if len(header) < 8:
+            cut = True
+            break
+        length, kind = struct.unpack(">I", header[:4])[0], header[4:]
+        if kind == b"IEND":
+            break
+        if kind != b"IDAT":
+            fh.seek(length + 4, os.SEEK_CUR)
+            continue
+        data = fh.read(length)
+        cut = len(data) < length
+        fh.seek(4, os.SEEK_CUR)  # CRC
+        while data and found < expected and not inflate.eof:
+            try:
+                found += len(inflate.decompress(data, 1 << 20))
+            except zlib.error:  # corrupt data, not short data: Pillow's decoder names that
+                return None
+            data = inflate.unconsumed_tail
+        if inflate.eof:
+            break
+    return (found, expected, cut) if found < expected else None
+
+
 def _decode_file(path: Union[str, bytes, os.PathLike], cap: int) -> DecodedImage:
     label = display_name(path)
     try:
@@ -414,10 +478,17 @@ def _decode_file(path: Union[str, bytes, os.PathLike], cap: int) -> DecodedImage
         except UnidentifiedImageError:
             raise ImageReadError(f"{label}: not in an image format Pillow can read (PNG, JPEG, BMP, TIFF, WebP, GIF, "
                                  "PNM, ...), or corrupt from its first bytes") from None
-        except Exception as exc:  # Pillow's plugins signal corrupt headers with many exception types
+        except _CORRUPT as exc:
             raise _read_error(label, exc) from exc
         try:
             _check_header(img, label, cap)
+            if img.format == "PNG":
+                short = _png_rows_missing(fh)
+                if short is not None:
+                    found, expected, cut = short
+                    what = "the file is truncated" if cut else "the file is damaged"
+                    raise ImageReadError(f"{label}: its image data ends early ({found} of the {expected} bytes its "
+                                         f"header promises): {what}")
             rawmode = _colour16(img, label)
             w, h = img.size
             with _pillow_limit_lifted() if _above_pillow_limit(w * h) else nullcontext():
@@ -428,7 +499,7 @@ def _decode_file(path: Union[str, bytes, os.PathLike], cap: int) -> DecodedImage
                     pixels = _pil_pixels(ImageOps.exif_transpose(img), label)
         except ImageReadError:
             raise
-        except Exception as exc:  # corrupt data: OSError, SyntaxError, ValueError, EOFError, struct.error, ...
+        except _CORRUPT as exc:
             raise _read_error(label, exc) from exc
         finally:
             img.close()
@@ -485,7 +556,7 @@ def image_size(src: Any) -> tuple[int, int]:
         except UnidentifiedImageError:
             raise ImageReadError(f"{label}: not in an image format Pillow can read (PNG, JPEG, BMP, TIFF, WebP, GIF, "
                                  "PNM, ...), or corrupt from its first bytes") from None
-        except Exception as exc:
+        except _CORRUPT as exc:
             raise _read_error(label, exc) from exc
     return (h, w) if turned else (w, h)
 
@@ -499,7 +570,7 @@ def _orientation(img: Image.Image) -> int:
         return 1  # PngImageFile.getexif() decodes the whole image to look for an eXIf chunk after the data
     try:
         return int(img.getexif().get(0x0112, 1))
-    except Exception:  # a corrupt EXIF block: the decode reports what is wrong with it, if anything
+    except _CORRUPT:  # a corrupt EXIF block: the decode reports what is wrong with it, if anything
         return 1
 
 
@@ -519,7 +590,7 @@ def _pixels_of(src: Any, name: str | None, cap: int) -> tuple[np.ndarray, str]:
             return _pil_pixels(ImageOps.exif_transpose(src), label), label
         except ImageReadError:
             raise
-        except Exception as exc:  # a lazily opened image decodes here
+        except _CORRUPT as exc:  # a lazily opened image decodes here
             raise _read_error(label, exc) from exc
     if isinstance(src, torch.Tensor):
         src = src.detach().cpu().numpy()

@@ -25,13 +25,26 @@ def png_ihdr(width: int, height: int, bit_depth: int = 8, color_type: int = 2) -
     return png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
 
 
-def png16(arr: np.ndarray) -> bytes:
-    """A 16-bit PNG of ``arr`` (H, W) or (H, W, C) uint16, C = 1..4; every row with filter type 0 (none)."""
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_bytes(arr: np.ndarray, *, interlace: bool = False, height: int | None = None) -> bytes:
+    """A PNG of ``arr`` (H, W) or (H, W, C), C = 1..4, uint8 or uint16 (8- or 16-bit samples); every row with
+    filter type 0 (none), Adam7-interlaced when asked. ``height`` puts another height in the header (a lie)."""
     arr = arr[..., None] if arr.ndim == 2 else arr
     h, w, c = arr.shape
-    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
-    return (PNG_SIGNATURE + png_ihdr(w, h, 16, _PNG_COLOR_TYPE[c]) + png_chunk(b"IDAT", zlib.compress(raw))
-            + png_chunk(b"IEND", b""))
+    depth = 16 if arr.dtype == np.uint16 else 8
+    samples = arr.astype(">u2") if depth == 16 else arr.astype(np.uint8)
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    raw = b"".join(b"\0" + row.tobytes() for x0, y0, dx, dy in passes for row in samples[y0::dy, x0::dx]
+                   if row.size)
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, height or h, depth, _PNG_COLOR_TYPE[c], 0, 0, int(interlace)))
+    return PNG_SIGNATURE + ihdr + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b"")
+
+
+def png16(arr: np.ndarray) -> bytes:
+    """A 16-bit PNG of ``arr`` (H, W) or (H, W, C) uint16, C = 1..4."""
+    return png_bytes(arr.astype(np.uint16))
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -43,10 +56,11 @@ def png_claiming(width: int, height: int) -> bytes:
     return PNG_SIGNATURE + png_ihdr(width, height) + png_chunk(b"IDAT", row) + png_chunk(b"IEND", b"")
 
 
-def tiff16(arr: np.ndarray, byteorder: str = "<", compression: int = 1) -> bytes:
+def tiff16(arr: np.ndarray, byteorder: str = "<", compression: int = 1, size: tuple[int, int] | None = None) -> bytes:
     """A one-strip 16-bit RGB TIFF of ``arr`` (H, W, 3) uint16: ``byteorder`` "<" (II) or ">" (MM); compression 1
-    (none) or 8 (Adobe deflate, which Pillow hands to libtiff)."""
+    (none) or 8 (Adobe deflate, which Pillow hands to libtiff). ``size`` = (W, H) puts another size in the header."""
     h, w, c = arr.shape
+    w, h = size or (w, h)
     assert c == 3
     e = byteorder
     data = arr.astype(e + "u2").tobytes()

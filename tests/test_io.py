@@ -106,6 +106,25 @@ def test_16bit_gray_png_and_ppm(tmp_path):
     np.testing.assert_array_equal(io.read_rgb(tmp_path / "c12.ppm"), [[[0, 16004, 65535]]])
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_interlaced_pngs_read_exactly(tmp_path, dtype):
+    arr = _random16((13, 10, 3), seed=5)
+    arr = arr if dtype == np.uint16 else (arr >> 8).astype(np.uint8)
+    (tmp_path / "adam7.png").write_bytes(imagefiles.png_bytes(arr, interlace=True))
+    assert Image.open(tmp_path / "adam7.png").info.get("interlace") == 1
+    np.testing.assert_array_equal(io.read_rgb(tmp_path / "adam7.png"), arr)
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+def test_a_png_whose_data_holds_fewer_rows_than_its_header_is_refused(tmp_path, interlace):
+    # Pillow stops where the compressed stream ends and leaves the missing rows black, without a word.
+    arr = (_random16((8, 6, 3), seed=6) >> 8).astype(np.uint8)
+    path = tmp_path / "short.png"
+    path.write_bytes(imagefiles.png_bytes(arr, interlace=interlace, height=9))
+    msg = _read_error(path)
+    assert msg.startswith(f"{path}: its image data ends early (") and msg.endswith("the file is damaged"), msg
+
+
 def test_open_image_decodes_once_for_gray_and_colour(data_dir, tmp_path):
     decoded = io.open_image(data_dir / MSRS_VI)
     assert decoded.size == (640, 480) and decoded.pixels.dtype == np.uint8
@@ -164,14 +183,16 @@ def test_the_cap_comes_from_the_argument_then_the_environment(data_dir, monkeypa
 
 def test_a_cap_above_pillows_own_limit_is_honoured_without_its_warning(tmp_path):
     # 12000x12000 = 144 MP is in Pillow's warning band (89..179 MP), 20000x20000 above its error limit. With the
-    # cap raised the decode is attempted; these files hold one row, so it fails as truncated, not as a bomb.
+    # cap raised the decode is attempted; these TIFFs hold one pixel, so it fails as truncated, not as a bomb.
     for side in (12_000, 20_000):
-        path = tmp_path / f"big{side}.png"
-        path.write_bytes(imagefiles.png_claiming(side, side))
+        path = tmp_path / f"big{side}.tif"
+        path.write_bytes(imagefiles.tiff16(np.zeros((1, 1, 3), np.uint16), size=(side, side)))
+        assert io.image_size(path) == (side, side)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             msg = _read_error(path, max_pixels=10**9)
         assert "truncated" in msg and "bomb" not in msg, msg
+        assert "cap" in _read_error(path)  # the default cap refuses it from the header
 
 
 def test_a_pil_image_above_the_cap_is_refused():
@@ -243,7 +264,7 @@ def test_every_odd_file_is_a_one_line_error_naming_it(tmp_path, data_dir):
         "dangling.png": "is a broken symbolic link",
         "empty.png": "is empty (0 bytes)",
         "text.png": "not in an image format Pillow can read",
-        "half.png": "cannot be read as an image (image file is truncated",
+        "half.png": "its image data ends early (",
         "missing.png": "no such file",
         "file.png/inner.png": "a part of its path is a file, not a folder",
     }
@@ -265,7 +286,7 @@ def test_undecodable_and_control_characters_in_names_stay_on_one_line(tmp_path, 
         with open(os.path.join(raw_dir, raw), "wb") as fh:
             fh.write(half)
         msg = _read_error(os.fsdecode(os.path.join(raw_dir, raw)))
-        assert msg.startswith(f"{tmp_path}/{shown}: cannot be read as an image"), msg
+        assert msg.startswith(f"{tmp_path}/{shown}: its image data ends early"), msg
         msg.encode("utf-8")  # printable to any UTF-8 terminal (a raw surrogate would raise here)
         with open(os.path.join(raw_dir, raw), "wb") as fh:
             fh.write((data_dir / MSRS_IR).read_bytes())
