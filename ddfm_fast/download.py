@@ -11,6 +11,7 @@ completely but does not load is removed.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import os
 import re
@@ -20,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from ddfm_fast.checkpoint import CheckpointError, ConfigLike, PathLike, load_model, save_safetensors
+from ddfm_fast.io import display_name
 
 __all__ = ["DownloadError", "download_checkpoint", "part_path"]
 
@@ -47,6 +49,16 @@ def _open(url: str, start: int, timeout: float) -> http.client.HTTPResponse:
     if start > 0:
         headers["Range"] = f"bytes={start}-"
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+
+
+def _local_error(path: Path, doing: str, exc: OSError, part: Path | None = None) -> DownloadError:
+    """A failure of this machine's file system (not the network), naming the file and what was being done."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on the device"
+    have = part.stat().st_size if part is not None and part.is_file() else 0
+    keep = f" {have} bytes are kept in {display_name(part)}; run the download again to resume." if have else ""
+    return DownloadError(f"{display_name(path)}: cannot {doing} ({reason}).{keep}")
 
 
 def _network_error(url: str, part: Path, exc: BaseException) -> DownloadError:
@@ -101,7 +113,11 @@ def _transfer(url: str, part: Path, *, progress: bool, chunk: int, timeout: floa
                 length = resp.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
                 start, mode = 0, "wb"
-            with part.open(mode) as fh, tqdm(
+            try:
+                fh = part.open(mode)
+            except OSError as exc:
+                raise _local_error(part, "write the partial download", exc) from exc
+            with fh, tqdm(
                 total=total,
                 initial=start,
                 desc=desc,
@@ -116,7 +132,10 @@ def _transfer(url: str, part: Path, *, progress: bool, chunk: int, timeout: floa
                     data = resp.read(chunk)
                     if not data:
                         break
-                    fh.write(data)
+                    try:
+                        fh.write(data)
+                    except OSError as exc:  # a full disk, a quota, a file system gone read-only
+                        raise _local_error(part, "write the partial download", exc, part) from exc
                     bar.update(len(data))
             return total
     except DownloadError:
@@ -148,7 +167,13 @@ def download_checkpoint(
     """
     dest = Path(dest).expanduser()
     part = part_path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission, a read-only file system
+        raise _local_error(dest.parent, "create the folder to download into", exc) from exc
+    for path, what in ((dest, "the destination"), (part, "the partial download")):
+        if path.exists() and not path.is_file():
+            raise DownloadError(f"{display_name(path)}: {what} exists and is not a regular file; move it away.")
     if expected_size is not None and part.exists() and part.stat().st_size > expected_size:
         part.unlink()  # longer than the file can be: stale, start again
 
@@ -179,7 +204,14 @@ def download_checkpoint(
         ) from exc
 
     if to_safetensors and dest.suffix.lower() != ".safetensors":
-        save_safetensors(model, dest.with_suffix(".safetensors"), metadata={"source_url": url})
+        st_path = dest.with_suffix(".safetensors")
+        try:
+            save_safetensors(model, st_path, metadata={"source_url": url})
+        except OSError as exc:
+            raise _local_error(st_path, "write the .safetensors copy", exc, part) from exc
     del model  # the .pt may be memory-mapped: release it before the rename
-    os.replace(part, dest)
+    try:
+        os.replace(part, dest)
+    except OSError as exc:
+        raise _local_error(dest, f"rename the verified download {display_name(part)} to it", exc, part) from exc
     return dest

@@ -218,3 +218,71 @@ def test_cli_default_preset_in_weights_home(server, payload, config, tmp_path, m
     assert res.exit_code == 0, res.output
     assert (tmp_path / "256x256_diffusion_uncond.pt").read_bytes() == payload
     assert "`--checkpoint adm256-uncond` now finds it" in res.output
+
+
+# -- this machine's file system failing, not the network ----------------------------------------
+
+
+def test_destination_under_a_regular_file(server, config, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DownloadError) as err:
+        download_checkpoint(server.url("/tiny_unet.pt"), tmp_path / "file" / "w.pt", config=config, progress=False)
+    assert str(err.value).startswith(f"{tmp_path / 'file'}: cannot create the folder to download into")
+    assert server.requests == []  # nothing was fetched
+
+
+def test_destination_or_part_that_is_a_folder(server, config, tmp_path):
+    for taken in (tmp_path / "a" / "w.pt", part_path(tmp_path / "b" / "w.pt")):
+        taken.mkdir(parents=True)
+        dest = taken if taken.suffix == ".pt" else taken.with_name("w.pt")
+        with pytest.raises(DownloadError, match="exists and is not a regular file") as err:
+            download_checkpoint(server.url("/tiny_unet.pt"), dest, config=config, progress=False)
+        assert str(taken) in str(err.value)
+
+
+def test_a_full_disk_keeps_what_was_written(server, payload, config, tmp_path, monkeypatch):
+    dest = tmp_path / "tiny_unet.pt"
+    real_open = Path.open
+
+    class _FullAfterOneChunk:
+        def __init__(self, fh):
+            self.fh, self.writes = fh, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes > 1:
+                raise OSError(28, "No space left on device")
+            return self.fh.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def open_part(self, mode="r", *args, **kwargs):
+        fh = real_open(self, mode, *args, **kwargs)
+        return _FullAfterOneChunk(fh) if self.name.endswith(".part") and mode in ("wb", "ab") else fh
+
+    monkeypatch.setattr(Path, "open", open_part)
+    with pytest.raises(DownloadError) as err:
+        download_checkpoint(server.url("/tiny_unet.pt"), dest, config=config, progress=False, chunk=1 << 16)
+    msg = str(err.value)
+    assert msg.startswith(f"{part_path(dest)}: cannot write the partial download (no space left on the device).")
+    assert f"{1 << 16} bytes are kept" in msg and "resume" in msg
+    monkeypatch.setattr(Path, "open", real_open)
+    download_checkpoint(server.url("/tiny_unet.pt"), dest, config=config, progress=False)  # the resume completes
+    assert dest.read_bytes() == payload
+
+
+def test_a_failing_safetensors_copy_is_named(server, config, tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ddfm_fast.download.save_safetensors", no_space)
+    dest = tmp_path / "tiny_unet.pt"
+    with pytest.raises(DownloadError) as err:
+        download_checkpoint(server.url("/tiny_unet.pt"), dest, config=config, progress=False, to_safetensors=True)
+    assert str(err.value).startswith(f"{tmp_path / 'tiny_unet.safetensors'}: cannot write the .safetensors copy "
+                                     "(no space left on the device).")
+    assert part_path(dest).is_file()  # the verified download is kept for the next try
