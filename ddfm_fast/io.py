@@ -514,7 +514,7 @@ def open_image(path: Union[str, bytes, os.PathLike], *, max_pixels: int | None =
     """Decode an image file once, at its own precision; :func:`read_gray`, :func:`read_rgb` and :func:`read_rgb8`
     take the result, so one decode serves the gray input and the colour output.
 
-    Checked from the header before anything is decoded: the pixel cap (:func:`max_pixels`), a size of at least
+    Checked from the header before anything is decoded: the pixel cap (:func:`pixel_cap`), a size of at least
     1x1, and a single frame (animated GIF / PNG / WebP and multi-page TIFF files are refused). 16-bit colour is
     read at full precision. Every failure is an :class:`ImageReadError` whose one-line message names the file:
     missing, a folder, a FIFO or device, a broken or looping symbolic link, empty, unreadable, not an image,
