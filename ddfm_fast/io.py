@@ -28,13 +28,15 @@ import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Literal, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Literal, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[str, bytes, os.PathLike, Image.Image, np.ndarray, torch.Tensor, "DecodedImage"]
+if TYPE_CHECKING:  # torch is imported by the functions that make tensors: reading and pairing files stay light
+    import torch
+
+ImageInput = Union[str, bytes, os.PathLike, Image.Image, np.ndarray, "torch.Tensor", "DecodedImage"]
 SizePolicy = Literal["pad", "crop"]
 
 _F32 = np.float32
@@ -535,7 +537,7 @@ def image_size(src: Any) -> tuple[int, int]:
     if isinstance(src, Image.Image):
         w, h = src.size
         return (h, w) if _orientation(src) in _QUARTER_TURNS else (w, h)
-    if isinstance(src, (np.ndarray, torch.Tensor)):
+    if isinstance(src, np.ndarray) or _is_tensor(src):
         if src.ndim < 2:
             raise ImageReadError(f"expected an (H, W) or (H, W, 3) array, got shape {tuple(src.shape)}")
         return int(src.shape[1]), int(src.shape[0])
@@ -592,7 +594,7 @@ def _pixels_of(src: Any, name: str | None, cap: int) -> tuple[np.ndarray, str]:
             raise
         except _CORRUPT as exc:  # a lazily opened image decodes here
             raise _read_error(label, exc) from exc
-    if isinstance(src, torch.Tensor):
+    if _is_tensor(src):
         src = src.detach().cpu().numpy()
     if not isinstance(src, np.ndarray):
         raise TypeError(f"{label}: expected a path, a PIL image or an array, got {type(src).__name__}")
@@ -649,8 +651,16 @@ def read_rgb(src: ImageInput, name: str | None = None, *, max_pixels: int | None
     return np.ascontiguousarray(arr[..., :3])
 
 
+def _is_tensor(x: Any) -> bool:
+    """``isinstance(x, torch.Tensor)`` without importing torch (no tensor exists before torch is imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def to_model_range(gray01: np.ndarray) -> torch.Tensor:
     """[0, 1] gray (H, W) -> (1, 1, H, W) float32 tensor in [-1, 1], computed in float32 as ``sample.py`` does."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(gray01 * _F32(2) - _F32(1)))[None, None]
 
 
@@ -673,6 +683,8 @@ def reflect_pad_to_multiple(t: torch.Tensor, multiple: int = 32) -> torch.Tensor
 
     Reflection needs the pad to be smaller than the side; for tiny images it is applied repeatedly.
     """
+    import torch
+
     ph, pw = pad_amount(*t.shape[-2:], multiple)
     while ph or pw:
         step_h, step_w = min(ph, t.shape[-2] - 1), min(pw, t.shape[-1] - 1)

@@ -15,10 +15,12 @@ Notation (variable -> paper / official code):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where the table is built, so that importing the options stays light
+    import torch
 
 Respacing = Union[int, str, Sequence[int]]
 
@@ -161,6 +163,8 @@ class StepTable:
 
     @classmethod
     def from_schedule(cls, schedule: Schedule, device: torch.device | str = "cpu") -> "StepTable":
+        import torch
+
         order = np.arange(schedule.num_steps - 1, -1, -1)
         c1 = torch.from_numpy(schedule.sqrt_recip_alphas_cumprod[order]).float()
         c2 = torch.from_numpy(schedule.sqrt_recipm1_alphas_cumprod[order]).float()
