@@ -7,12 +7,11 @@ torch / triton versions and the sizes in ``benchmark.extra_info`` so a saved run
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
-import platform  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DDFM_SHARED", REPO.parent / "shared"))
@@ -44,6 +43,18 @@ def shared_dir() -> Path:
     if not SHARED.exists():
         pytest.skip(f"{SHARED} is absent (set DDFM_SHARED)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The golden folder, found as the gpu suite finds it (``DDFM_REFERENCE``, ``../shared/reference``,
+    ``.gpu-reference/``): ``ddfm_fast.gpu_check.find_reference``."""
+    from ddfm_fast.gpu_check import find_reference
+
+    lookup = find_reference()
+    if lookup.path is None:
+        pytest.skip(lookup.describe())
+    return lookup.path
 
 
 @pytest.fixture(scope="session")

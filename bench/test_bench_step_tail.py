@@ -8,16 +8,22 @@ Rows:
               complex FFTs, boolean-mask writes, the EM state as a dict of tensors, the schedule coefficients
               copied host -> device at every use, the colour conversion through numpy on the host, and the
               (unused, sigma = 0) ``randn_like`` noise of every step
-    torch     ``ddfm_fast.sampler.step_tail_torch``: the same arithmetic, on the device, no host round trip
+    torch     ``ddfm_fast.step.step_tail_torch``: the same arithmetic, on the device, no host round trip
     triton    ``ddfm_fast.kernels.em_tail.step_tail_triton`` (CUDA only: the CPU interpreter is not a speed measure)
 
 On a CPU, 1024x768 and 1280x1024 run only with ``DDFM_BENCH_LARGE=1`` (they always run on CUDA).
 
+Timing: one benchmark round runs ``CALLS`` steps. On CUDA the torch and Triton tails are captured as one CUDA
+graph of ``CALLS`` calls and a round is one replay plus one synchronisation, so neither launch overhead nor a
+per-call host sync is in the number (at 10-50 us per call, a sync per call would measure mostly that); the
+official-style tail cannot be captured (it copies to the host every step) and runs ``CALLS`` plain calls per round.
+On a CPU a round is ``CALLS`` plain calls.
+
 ``extra_info`` carries the device (and the CPU model), torch/triton versions and threads, the nominal bytes of
-one step and the effective bandwidth (nominal bytes / median time), and the quality: the max
-|x_prev - x_prev(torch)| of one step from the same inputs. The nominal bytes are the fused tail's traffic model
-(``em_tail``'s docstring: ~36 float32 planes of B*H*W): the least this tail moves, so the GB/s of every row
-compare speeds on one scale (and, for the Triton row, estimate the achieved bandwidth).
+one step and the effective bandwidth (nominal bytes / median time per step), ``us_per_step``, and the quality:
+the max |x_prev - x_prev(torch)| of one step from the same inputs. The nominal bytes are the fused tail's traffic
+model (``ddfm_fast.benchmarks.tail_bytes``, ~36 float32 planes of B*H*W): the least this tail moves, so the GB/s
+of every row compare speeds on one scale (and, for the Triton row, estimate the achieved bandwidth).
 """
 
 from __future__ import annotations
@@ -31,12 +37,16 @@ import torch
 
 from conftest import device_info
 from ddfm_fast import color
+from ddfm_fast.benchmarks import tail_bytes
+from ddfm_fast.config import SamplerConfig
 from ddfm_fast.em import em_init
-from ddfm_fast.sampler import step_tail_torch
 from ddfm_fast.schedule import Schedule
+from ddfm_fast.step import step_tail_torch
 
 LAMB, RHO = 0.5, 0.001
 STEPS = 100  # the paper's respacing; the benchmark uses its first step's coefficients
+CFG = SamplerConfig(steps=STEPS, lamb=LAMB, rho=RHO, tau_reduce="batch")
+CALLS = 100 if torch.cuda.is_available() else 3  # steps per benchmark round (one CUDA graph replay on CUDA)
 _LARGE = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("DDFM_BENCH_LARGE") != "1",
                             reason="large size on a CPU: set DDFM_BENCH_LARGE=1 to run it")
 SIZES = [
@@ -45,14 +55,6 @@ SIZES = [
     pytest.param((1024, 768), id="1024x768", marks=_LARGE),
     pytest.param((1280, 1024), id="1280x1024", marks=_LARGE),
 ]
-
-
-def nominal_bytes(batch: int, height: int, width: int) -> int:
-    """The fused tail's traffic per step (em_tail docstring): kernels A (10 reads, 1 write) and B (9 reads,
-    10 writes) in float32 planes, plus rfft2, the in-place divide and irfft2 over the half spectrum."""
-    plane = batch * height * width * 4
-    half_spectrum = batch * height * (width // 2 + 1) * 8
-    return 30 * plane + (plane + half_spectrum) + 2 * half_spectrum + (half_spectrum + plane)
 
 
 # ----------------------------------------------------------------------------------- official-style tail
@@ -198,11 +200,36 @@ def _make_step(impl: str, I, V, device):  # noqa: E741
         return step
     state = em_init(I)
     if impl == "torch":
-        return lambda x, eps: step_tail_torch(x, eps, coef, I, V, state, lamb=LAMB, rho=RHO)[0]
+        return lambda x, eps: step_tail_torch(x, eps, coef, I, V, state, CFG)[0]
     from ddfm_fast.kernels.em_tail import TailWorkspace, step_tail_triton
 
     ws = TailWorkspace.create(I)
     return lambda x, eps: step_tail_triton(x, eps, coef, I, V, state, lamb=LAMB, rho=RHO, workspace=ws)[0]
+
+
+def _round(step, x, eps, device: torch.device, graphed: bool):
+    """One benchmark round: ``CALLS`` steps, replayed from one CUDA graph when ``graphed``."""
+    if not graphed:
+        def run():
+            for _ in range(CALLS):
+                step(x, eps)
+            _sync(device)
+        return run
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):  # FFT plans, kernel builds, workspaces: outside the capture
+            step(x, eps)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            step(x, eps)
+
+    def replay():
+        graph.replay()
+        _sync(device)
+    return replay
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -213,7 +240,7 @@ def test_step_tail(benchmark, impl, size, bench_device):
         if device.type != "cuda":
             pytest.skip("the Triton tail is benchmarked on CUDA only: on a CPU it runs in Triton's interpreter, "
                         "which measures Python, not the kernels")
-        from ddfm_fast.dispatch import triton_not_supported_reasons
+        from ddfm_fast.plan import triton_not_supported_reasons
 
         reasons = triton_not_supported_reasons(device)
         if reasons:
@@ -225,20 +252,16 @@ def test_step_tail(benchmark, impl, size, bench_device):
     reference = _make_step("torch", I, V, device)(x, eps).clone()
     max_abs = float((_make_step(impl, I, V, device)(x, eps) - reference).abs().max())
 
-    step = _make_step(impl, I, V, device)
-
-    def run():
-        step(x, eps)
-        _sync(device)
-
-    run()  # warm-up: FFT plans, kernel compilation
-    rounds = 30 if device.type == "cuda" else (20 if height * width <= 256 * 256 else 10)
+    graphed = device.type == "cuda" and impl != "official"
+    run = _round(_make_step(impl, I, V, device), x, eps, device, graphed)
+    run()  # warm-up
+    rounds = 20 if device.type == "cuda" else (10 if height * width <= 256 * 256 else 5)
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
-    nbytes = nominal_bytes(1, height, width)
+    nbytes = tail_bytes(1, height, width)
     info = {**device_info(), "cpu_model": _cpu_model(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "impl": impl, "shape": f"1x3x{height}x{width}", "nominal_bytes": nbytes,
-            "max_abs_vs_torch": max_abs}
+            "impl": impl, "shape": f"1x3x{height}x{width}", "nominal_bytes": nbytes, "calls_per_round": CALLS,
+            "timing": "one CUDA graph of the calls per round" if graphed else "plain calls", "max_abs_vs_torch": max_abs}
     if benchmark.stats is not None:
-        median = benchmark.stats.stats.median
-        info.update(median_s=median, effective_GBps=nbytes / median / 1e9)
+        per_step = benchmark.stats.stats.median / CALLS
+        info.update(median_step_s=per_step, us_per_step=1e6 * per_step, effective_GBps=nbytes / per_step / 1e9)
     benchmark.extra_info.update(info)

@@ -1,11 +1,14 @@
-"""The fast-path waterfall as a pytest-benchmark suite (the same rows as ``ddfm-fast bench``).
+"""The sampling rows of ``ddfm-fast bench`` as a pytest-benchmark suite, at one size.
 
     pytest bench/test_bench_waterfall.py --benchmark-only                 # CUDA: paper-size model, 480x640
-    DDFM_BENCH_SIZE=64x64 pytest bench/test_bench_waterfall.py ...        # any size; CPU runs the CPU-able rows
+    DDFM_BENCH_SIZE=64x64 pytest bench/test_bench_waterfall.py ...        # any size; a CPU runs the CPU rows
     DDFM_UPSTREAM=~/MMIF-DDFM pytest bench/test_bench_waterfall.py ...    # also time the official sampler
 
-Each benchmark records, beside its time, the PSNR of its 8-bit output against the fp32 row's output and the
-device / versions (``benchmark.extra_info``). Random weights with the paper model's cost (see benchmarks.py).
+On CUDA the rows are the gpu suite's sampling rows at batch 1 (fp32 reference in true fp32, the fast path, without
+graphs, fp16 eager, TF32, and the opt-in max-autotune and channels_last rows); on a CPU the cpu suite's rows.
+Each benchmark records, beside its time, the PSNR of its 8-bit output against the true-fp32 reference, the float32
+switches and the device / versions (``benchmark.extra_info``). Random weights with the model's cost (see
+``ddfm_fast.benchmarks``). The bench command's gate and report are not here: this is for repeated, focused runs.
 """
 
 from __future__ import annotations
@@ -16,16 +19,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddfm_fast import benchmarks
-from ddfm_fast.fast import FastDDFMSampler
-from ddfm_fast.unet import ADM256_UNCOND_CONFIG, UNetConfig
-
 from conftest import device_info
+from ddfm_fast import benchmarks, precision
+from ddfm_fast.config import SamplerConfig
+from ddfm_fast.sampler import DDFMSampler
+from ddfm_fast.unet import ADM256_UNCOND_CONFIG, UNetConfig
 
 SIZE = tuple(int(v) for v in os.environ.get("DDFM_BENCH_SIZE", "480x640").split("x"))
 STEPS = int(os.environ.get("DDFM_BENCH_STEPS", "100" if torch.cuda.is_available() else "2"))
-ROWS = {row.name: row for row in (*benchmarks.WATERFALL, *benchmarks.GPU_VARIANTS, *benchmarks.CPU_VARIANTS)}
 UPSTREAM = os.environ.get("DDFM_UPSTREAM")
+
+
+def _rows() -> dict[str, benchmarks.Row]:
+    if torch.cuda.is_available():
+        jobs = benchmarks.gpu_plan(max_autotune=True, channels_last=True).jobs()
+        rows = [r for r in jobs if r.kind == benchmarks.SAMPLE and r.batch == 1 and r.size == benchmarks.GPU_SIZE]
+    else:
+        rows = list(benchmarks.plan_for("cpu").jobs())
+    named: dict[str, benchmarks.Row] = {}
+    for r in rows:
+        named.setdefault(r.name, r)
+    return named
+
+
+ROWS = _rows()
 
 
 @pytest.fixture(scope="module")
@@ -36,38 +53,36 @@ def setup(bench_device):
     config = ADM256_UNCOND_CONFIG if bench_device.type == "cuda" else cpu_config
     base = benchmarks.random_model(config, device=bench_device)
     inputs = benchmarks._inputs(1, *SIZE, bench_device)
-    with torch.no_grad():
-        reference = FastDDFMSampler(STEPS, backend="torch").sample(base, *inputs).sample
-    return config, inputs, reference
+    with torch.no_grad(), precision.tf32(False):
+        reference = DDFMSampler(SamplerConfig(steps=STEPS, tau_reduce="image"),
+                                benchmarks.REFERENCE_ROW.accel).sample(base, *inputs).sample
+    return config, base, inputs, reference
 
 
 @pytest.mark.parametrize("name", list(ROWS))
 def test_waterfall_row(benchmark, setup, bench_device, name):
     row = ROWS[name]
-    if bench_device.type != "cuda" and (row.backend == "triton" or row.options.cuda_graphs
-                                        or row.options.dtype == torch.float16):
-        pytest.skip(f"{name}: a CUDA row")
-    if bench_device.type == "cuda" and row in benchmarks.CPU_VARIANTS:
-        pytest.skip(f"{name}: a CPU variant")
-    config, inputs, reference = setup
+    config, base, inputs, reference = setup
     torch._dynamo.reset()
-    model = benchmarks.random_model(config, device=bench_device)  # each row casts its own copy
-    sampler = FastDDFMSampler(STEPS, backend=row.backend, options=row.options)
+    sampler = DDFMSampler(SamplerConfig(steps=STEPS, tau_reduce="image"), row.accel)
 
     def run():
-        with benchmarks._attention(row.math_attention), torch.no_grad():
-            out = sampler.sample(model, *inputs).sample
+        with torch.no_grad():
+            res = sampler.sample(base, *inputs)
         if bench_device.type == "cuda":
             torch.cuda.synchronize()
-        return out
+        return res
 
     try:
-        run()  # compile / capture outside the timed rounds
-        out = benchmark.pedantic(run, rounds=3, iterations=1)
+        with precision.tf32(row.tf32) as flags:
+            warm = run()  # compile / capture outside the timed rounds
+            res = benchmark.pedantic(run, rounds=3, iterations=1)
     finally:
         sampler.close()  # free this row's buffers and graph pool before the next row
-    benchmark.extra_info.update(device_info(), row=name, size=f"{SIZE[0]}x{SIZE[1]}", steps=STEPS,
-                                psnr_vs_fp32_db=benchmarks.psnr_8bit(out, reference))
+    assert not res.plan.fallbacks, res.plan.describe()  # a fallback would time the slow path under this name
+    benchmark.extra_info.update(device_info(), row=name, size=f"{SIZE[0]}x{SIZE[1]}", steps=STEPS, precision=flags,
+                                plan=res.plan.describe(), compile_s=warm.compile_seconds,
+                                psnr_vs_fp32_db=benchmarks.psnr_8bit(res.sample, reference))
 
 
 def test_official_sampler(benchmark, setup, bench_device):
@@ -76,10 +91,9 @@ def test_official_sampler(benchmark, setup, bench_device):
         pytest.skip("set DDFM_UPSTREAM to a clone of github.com/Zhaozixiang1228/MMIF-DDFM to time the official code")
     from ddfm_fast import upstream
 
-    config, inputs, reference = setup
-    model = benchmarks.random_model(config, device=bench_device)
+    config, base, inputs, reference = setup
     root = upstream.check_clone(Path(UPSTREAM))
-    with upstream.OfficialSampler(root, config, model.state_dict(), bench_device) as official:
+    with precision.tf32(False), upstream.OfficialSampler(root, config, base.state_dict(), bench_device) as official:
 
         def run():
             out = official.sample(*inputs, STEPS)

@@ -1,10 +1,17 @@
-"""``ddfm-fast bench``: the speed waterfall (and, on a GPU, the GPU correctness tests) in one command."""
+"""``ddfm-fast bench``: the GPU correctness tests and the speed rows in one command, with a JSON report.
+
+The gpu suite is built to run on a bare GPU machine that received only a copy of the checkout: the goldens come
+from ``--reference`` (or ``$DDFM_REFERENCE``, ``../shared/reference``, ``.gpu-reference/``; see
+``ddfm_fast.gpu_check``), every test is listed with its outcome, the rows run in priority order under a
+predicted-time gate (``ddfm_fast.benchmarks``), and the report is rewritten after the tests and after every row.
+``--dry-run`` runs the same plan on this machine's CPU with a tiny model (and only collects the tests), to check
+the whole flow before a GPU is spent on it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,38 +21,18 @@ from typing import Optional
 import click
 
 
-def _tests_dir() -> Optional[Path]:
-    """The checkout's tests/ (present for ``pip install -e .`` from a clone; absent in a wheel install)."""
-    import ddfm_fast
+def _repo() -> Optional[Path]:
+    from ddfm_fast.gpu_check import repo_root
 
-    candidate = Path(ddfm_fast.__file__).resolve().parents[1] / "tests"
-    return candidate if (candidate / "test_gpu.py").is_file() else None
+    return repo_root()
 
 
-def _run_gpu_tests(log, timeout_s: float) -> dict:
-    tests = _tests_dir()
-    if tests is None:
-        return {"ran": False, "reason": "tests/ not found: run from a checkout installed with pip install -e ."}
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # compile the kernels for the GPU
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_gpu.py"),
-           str(tests / "test_kernels.py"), "-k", "not interpreter"]
-    t0 = time.perf_counter()
-    # Its own session, so that a timeout stops pytest and whatever it started (inductor's compile workers).
-    proc = subprocess.Popen(cmd, cwd=tests.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        text, _ = proc.communicate(timeout=timeout_s)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:  # the benchmarks still run; the command exits non-zero at the end
-        os.killpg(proc.pid, signal.SIGKILL)
-        text, _ = proc.communicate()
-        code = 124
-        text = (text or "") + f"\nddfm-fast bench: the GPU tests ran past {timeout_s:g} s and were stopped"
-    tail = text.strip().splitlines()[-25:]
-    for line in tail:
-        log(line)
-    return {"ran": True, "exit_code": code, "seconds": round(time.perf_counter() - t0, 1),
-            "command": " ".join(cmd), "tail": tail}
+def _run_gpu_tests(log, timeout_s: float, reference=None, collect_only: bool = False) -> dict:
+    """The GPU tests (``tests/test_gpu.py``, ``tests/test_kernels.py``) in a subprocess; see gpu_check.run_tests."""
+    from ddfm_fast import gpu_check
+
+    lookup = reference if reference is not None else gpu_check.find_reference()
+    return gpu_check.run_tests(log, timeout_s=timeout_s, reference=lookup, collect_only=collect_only)
 
 
 def _whole_command_seconds(log, repeats: int = 3) -> dict:
@@ -59,8 +46,8 @@ def _whole_command_seconds(log, repeats: int = 3) -> dict:
     import numpy as np
     from PIL import Image
 
-    tests = _tests_dir()
-    shared = Path(os.environ.get("DDFM_SHARED", tests.parent.parent / "shared" if tests else "shared"))
+    repo = _repo()
+    shared = Path(os.environ.get("DDFM_SHARED", repo.parent / "shared" if repo else "shared"))
     ir, vis = shared / "data/ivf/MSRS/ir/00004N.png", shared / "data/ivf/MSRS/vi/00004N.png"
     with tempfile.TemporaryDirectory() as tmp:
         if not (ir.is_file() and vis.is_file()):
@@ -84,82 +71,148 @@ def _whole_command_seconds(log, repeats: int = 3) -> dict:
     return result
 
 
+def _print_forecast(log, rows: list[dict], budget_s: float, tests_s: float) -> None:
+    log(f"forecast for the gpu suite on an H100/H200 from nominal rates (not measured; tests assumed to take "
+        f"{tests_s:.0f} s, budget {budget_s:.0f} s):")
+    for f in rows:
+        end = f"ends at {f['ends_at_s']:5.0f} s" if f["fits"] else "would be skipped"
+        log(f"  {f['row']:<46} {f['size']:>9} b{f['batch']:<2} ~{f['predicted_s']:6.0f} s  {end}  [{f['how']}]")
+
+
 @click.command("bench")
 @click.option("--suite", type=click.Choice(["gpu", "cpu", "quick"]), default="gpu", show_default=True,
-              help="gpu: GPU correctness tests + the waterfall with the paper-size model (needs CUDA, < 8 min); "
-                   "cpu: the waterfall with the shipped prior's config on this CPU, and the whole "
-                   "`ddfm-fast fuse` command on a 640x480 pair (median of 3); quick: a seconds-long check.")
+              help="gpu: the GPU correctness tests, then the rows with the paper-size model (needs CUDA; ends "
+                   "within 9 minutes on an H100/H200); cpu: rows with the shipped prior's config on this CPU, and "
+                   "the whole `ddfm-fast fuse` command on a 640x480 pair (median of 3); quick: a seconds-long check.")
 @click.option("-o", "--out", type=click.Path(path_type=Path),
               help="JSON report (default: bench/results/<suite>-<date>.json in a checkout, else ./).")
+@click.option("--reference", type=click.Path(path_type=Path), metavar="DIR",
+              help="gpu suite: the golden folder (default: $DDFM_REFERENCE, then ../shared/reference, then "
+                   ".gpu-reference/ in the checkout). A missing golden file fails the tests that need it.")
+@click.option("--dry-run", is_flag=True,
+              help="gpu suite: run the whole plan on this CPU with a tiny model (same rows, order and gates; the "
+                   "tests are only collected) and print the GPU forecast, to check the flow before a GPU run.")
 @click.option("--no-tests", is_flag=True, help="gpu suite: skip the correctness tests, only benchmark.")
 @click.option("--device", default=None, help="Device (default: cuda for gpu, cpu otherwise).")
 @click.option("--upstream", type=click.Path(path_type=Path), metavar="PATH",
               help="A clone of the official MMIF-DDFM: its sampler runs on the same inputs and weights at the "
-                   "waterfall size (batch 1), and every row gets its speed-up over it. The cpu/quick suites "
-                   "then use a tiny ADM model the official code can build.")
+                   "reference's size (batch 1), and every row of that size gets its speed-up over it. The cpu/quick "
+                   "suites then use a tiny ADM model the official code can build.")
 @click.option("--budget-s", type=click.FloatRange(min=0), default=None,
-              help="Seconds after the command's start (tests included) within which a benchmark row may start "
-                   "(default: the suite's; gpu 420). Rows not started in time are reported as skipped.")
+              help="Every row must be predicted to end within this many seconds of the command's start (tests "
+                   "included), else it is skipped and the report says why (default: the suite's; gpu 480).")
 @click.option("--tests-timeout-s", type=click.FloatRange(min=1), default=240.0, show_default=True,
               help="gpu suite: stop the correctness tests after this long (reported as failed, exit code 124).")
-def bench_command(suite: str, out: Optional[Path], no_tests: bool, device: Optional[str],
-                  upstream: Optional[Path], budget_s: Optional[float], tests_timeout_s: float) -> None:
-    """Benchmark the fast path row by row (fp32 eager -> fp16 -> + SDPA -> + compile -> + Triton tail ->
-    + CUDA graphs): time per image, images/s, peak memory and PSNR of the 8-bit output against fp32.
+@click.option("--max-autotune", is_flag=True,
+              help="gpu suite: add a last row with inductor's max-autotune (a compile of several minutes).")
+@click.option("--channels-last", is_flag=True, help="gpu suite: add a last row with channels_last.")
+def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dry_run: bool, no_tests: bool,
+                  device: Optional[str], upstream: Optional[Path], budget_s: Optional[float],
+                  tests_timeout_s: float, max_autotune: bool, channels_last: bool) -> None:
+    """Check and time the fast path: the GPU correctness tests, then rows in priority order (fp32 reference,
+    fp16 + compile + Triton tail + CUDA graphs at 480x640, without graphs, fp16 eager, the step tail alone, TF32,
+    256x256, 1280x1024, batch 8), each with its time, rate, compile time, peak memory and PSNR against true fp32.
 
-    Run it on a GPU machine after `pip install --no-deps --no-build-isolation -e .` from a checkout:
-    `ddfm-fast bench --suite gpu`. The report (JSON) names the device, versions, sizes and date.
+    On a GPU machine with a copy of the checkout and the goldens in .gpu-reference/:
+    `pip install --no-deps --no-build-isolation -e . && ddfm-fast bench --suite gpu --reference .gpu-reference
+    -o REPORT.json`. The report (JSON) names the device, versions, float32 switches, sizes and date.
     """
+    if dry_run and suite != "gpu":
+        raise click.UsageError("--dry-run previews the gpu suite on this machine; use it with --suite gpu")
+    if (max_autotune or channels_last) and suite != "gpu":
+        raise click.UsageError("--max-autotune and --channels-last add rows to the gpu suite only")
+    if dry_run and "triton" not in sys.modules:
+        # The dry run's Triton tail runs in Triton's CPU interpreter, which must be chosen before triton is imported.
+        os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from ddfm_fast import benchmarks
+    from ddfm_fast import benchmarks, gpu_check
     from ddfm_fast.upstream import UpstreamError, check_clone
 
+    log = lambda line: click.echo(line, err=True)  # noqa: E731
     if upstream is not None:
         try:
             upstream = check_clone(upstream)
         except UpstreamError as exc:
             raise click.BadParameter(str(exc), param_hint="--upstream") from exc
-    dev = torch.device(device or ("cuda" if suite == "gpu" else "cpu"))
+    lookup = None
+    if suite == "gpu":
+        try:
+            lookup = gpu_check.find_reference(reference)
+        except gpu_check.GoldenFolderError as exc:
+            raise click.BadParameter(str(exc), param_hint="--reference") from exc
+    elif reference is not None:
+        raise click.UsageError("--reference names the goldens of the gpu suite's tests; use it with --suite gpu")
+    if dry_run and device not in (None, "cpu"):
+        raise click.UsageError("--dry-run runs on the CPU; drop --device")
+    dev = torch.device("cpu" if dry_run else device or ("cuda" if suite == "gpu" else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise click.ClickException("the gpu suite needs a CUDA device; torch sees none (use --suite cpu here)")
-    log = lambda line: click.echo(line, err=True)  # noqa: E731
+        raise click.ClickException("the gpu suite needs a CUDA device; torch sees none (use --dry-run to check the "
+                                   "plan on this CPU, or --suite cpu)")
+    started = time.perf_counter()
     env = benchmarks.environment()
     log(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, python {env['python']}")
-    started = time.perf_counter()
+    plan = benchmarks.plan_for(suite, upstream=upstream is not None, max_autotune=max_autotune,
+                               channels_last=channels_last)
+    if budget_s is not None:
+        plan = dataclasses.replace(plan, budget_s=budget_s)
+    forecast = None
+    if dry_run:
+        forecast = benchmarks.forecast(plan, tests_s=min(tests_timeout_s, 150.0))
+        _print_forecast(log, forecast, plan.budget_s, min(tests_timeout_s, 150.0))
+        plan = benchmarks.dry_run_plan(plan)
+        log(f"dry run: the same {len(plan.jobs())} rows on the tiny ADM UNet, {plan.steps} steps, sizes / 40, on "
+            f"the CPU (compile rows traced by Dynamo only; no CUDA graphs off CUDA)")
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        repo = _repo()
+        root = repo / "bench" / "results" if repo is not None else Path(".")
+        out = root / f"{suite}{'-dry-run' if dry_run else ''}-{stamp}.json"
     run_tests = suite == "gpu" and not no_tests
     tests: dict = {"ran": False, "reason": ("running" if run_tests else
                                             "not the gpu suite" if suite != "gpu" else "--no-tests")}
-    plan = benchmarks.plan_for(suite, upstream=upstream is not None)
-    if budget_s is not None:
-        plan = dataclasses.replace(plan, budget_s=budget_s)
-    if out is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        root = _tests_dir().parent / "bench" / "results" if _tests_dir() is not None else Path(".")
-        out = root / f"{suite}-{stamp}.json"
+    jobs = plan.jobs()
 
-    def save(results: list, complete: bool, **extra: object) -> dict:
+    def save(results: list, pending: list, complete: bool, **extra: object) -> dict:
         # Rewritten (atomically) after the tests and after every row: a run stopped by a time limit keeps its
-        # measurements, marked "complete": false.
-        payload = benchmarks.results_payload(results, suite=suite, steps=plan.steps, tests=tests, complete=complete,
-                                             total_seconds=round(time.perf_counter() - started, 1),
-                                             model=plan.config.to_dict(),
-                                             upstream=None if upstream is None else str(upstream), **extra)
+        # measurements, marked "complete": false, and lists the rows it had not reached.
+        not_run = [{"row": r.row, "size": r.size, "batch": r.batch, "why": r.skipped}
+                   for r in results if r.status == "skipped"]
+        not_run += [{"row": r.name, "size": "x".join(map(str, r.size)), "batch": r.batch,
+                     "why": "not reached: the command stopped before this row"} for r in pending]
+        payload = benchmarks.results_payload(
+            results, suite=suite, dry_run=dry_run, command=" ".join(["ddfm-fast", *sys.argv[1:]]), steps=plan.steps,
+            budget_s=plan.budget_s, tests=tests, complete=complete,
+            total_seconds=round(time.perf_counter() - started, 1), model=plan.config.to_dict(),
+            upstream=None if upstream is None else str(upstream), not_run=not_run,
+            targets=benchmarks.targets(results),
+            precision_policy="TF32 off (true fp32) in every row and test except rows marked tf32",
+            forecast=forecast, **extra)
         benchmarks.write_report(out, payload)
         return payload
 
-    save([], False)  # a report exists from the start, whatever stops the run
+    save([], list(jobs), False)  # a report exists from the start, whatever stops the run
     if run_tests:
-        tests = _run_gpu_tests(log, tests_timeout_s)
-        save([], False)
-    # The budget counts from the command's start, tests included: the whole gpu suite aims at 8 minutes.
+        log(("collecting" if dry_run else "running") + f" the GPU tests ({lookup.describe()})")
+        tests = _run_gpu_tests(log, tests_timeout_s, lookup, collect_only=dry_run)
+        save([], list(jobs), False)
+    # The budget counts from the command's start, tests included.
     results = benchmarks.run_plan(plan, dev, log=log, upstream=upstream, start=started,
-                                  on_result=lambda so_far: save(so_far, False))
+                                  on_result=lambda so_far, pending: save(so_far, pending, False))
     extra = {"whole_command": _whole_command_seconds(log)} if suite == "cpu" else {}
-    payload = save(results, True, **extra)
-    click.echo(f"report: {out} ({payload['total_seconds']} s)", err=True)
-    failed = [r for r in results if r.error and not r.error.startswith("skipped")]
+    payload = save(results, [], True, **extra)
+    failed = [r for r in results if r.status == "failed"]
+    skipped = [r for r in results if r.status == "skipped"]
+    for r in skipped:
+        log(f"not run: {r.row} {r.size} b{r.batch}: {r.skipped}")
     for r in failed:
         log(f"failed row: {r.row} {r.size} b{r.batch}: {r.error}")
-    if tests.get("exit_code") not in (None, 0) or failed:
+    if suite == "gpu" and not dry_run:
+        for t in payload["targets"]:
+            state = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+            log(f"target {t['target']}: {t['value']} ({t['bound']}) {state}")
+    tests_failed = run_tests and not tests.get("ok", False)
+    log(f"report: {out} ({payload['total_seconds']} s; {len(results) - len(failed) - len(skipped)} rows ok, "
+        f"{len(failed)} failed, {len(skipped)} not run; tests {'FAILED' if tests_failed else 'ok' if run_tests else 'not run'})")
+    if tests_failed or failed:
         raise SystemExit(1)

@@ -1,14 +1,21 @@
-"""``ddfm-fast bench``: the quick suite runs the waterfall code end to end on CPU and writes its JSON report."""
+"""``ddfm-fast bench``: the quick suite end to end on a CPU, the gpu suite's plan, gate and dry run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from ddfm_fast import benchmarks
+from ddfm_fast.benchmarks import FAST, HEADLINE, REFERENCE, Result, Row
 from ddfm_fast.cli import main
+from ddfm_fast.config import COMPILE_MODES, AccelConfig, SamplerConfig
+from ddfm_fast.unet import UNetConfig, UNetModel
+
+TINY = UNetConfig.from_create_model_args(benchmarks.TINY_ADM_ARGS)
 
 
 def test_quick_suite_writes_a_report(tmp_path):
@@ -16,17 +23,20 @@ def test_quick_suite_writes_a_report(tmp_path):
     res = CliRunner().invoke(main, ["bench", "--suite", "quick", "-o", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
-    assert report["complete"] is True
+    assert report["complete"] is True and report["not_run"] == []
     env = report["environment"]
     assert env["device"].startswith("cpu") and env["torch"] and "date" in env
+    assert "TORCHINDUCTOR_CACHE_DIR" in env["compile_caches"]
     rows = {r["row"]: r for r in report["rows"]}
     assert set(rows) == {"fp32 eager (reference)", "fp32 eager", "bf16", "fp32 + compile (dynamo only)",
                          "fp32 eager, channels_last"}
     for r in rows.values():
-        assert r["error"] is None and r["per_image_s"] > 0 and r["size"] == "32x32"
+        assert r["status"] == "ok" and r["error"] is None and r["per_image_s"] > 0 and r["size"] == "32x32"
+        assert r["tflops"] > 0 and r["precision"]["tf32"] is False and r["plan"]["fallbacks"] == []
     # Same arithmetic as the reference row: identical 8-bit output; bf16 close but not identical.
     assert rows["fp32 eager"]["psnr_vs_fp32_db"] == float("inf")
     assert rows["fp32 + compile (dynamo only)"]["psnr_vs_fp32_db"] == float("inf")
+    assert rows["fp32 + compile (dynamo only)"]["compile_s"] > 0
     assert 30 < rows["bf16"]["psnr_vs_fp32_db"] < float("inf")
     # channels_last reorders the convolutions' accumulation at most: 8-bit output equal or nearly so.
     assert rows["fp32 eager, channels_last"]["psnr_vs_fp32_db"] > 60
@@ -34,86 +44,181 @@ def test_quick_suite_writes_a_report(tmp_path):
 
 
 def test_gpu_suite_needs_cuda(tmp_path):
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     res = CliRunner().invoke(main, ["bench", "--suite", "gpu", "-o", str(tmp_path / "g.json")])
-    assert res.exit_code == 1 and "CUDA" in res.output
+    assert res.exit_code == 1 and "CUDA" in res.output and "--dry-run" in res.output
 
 
-def test_gpu_waterfall_adds_one_acceleration_per_row():
-    """The GPU chain is the issue's order, and each row differs from the one before by exactly one switch."""
-    from ddfm_fast import benchmarks
+def _switches(r: Row) -> dict:
+    a = r.accel
+    return {"dtype": a.dtype, "compile": a.compile, "mode": a.compile_mode, "graphs": a.cuda_graphs,
+            "tail": a.backend, "channels_last": a.channels_last, "tf32": r.tf32, "size": r.size, "batch": r.batch}
 
-    rows = benchmarks.GPU_PLAN.rows
-    assert [r.name for r in rows] == ["fp32 eager, materialised attention", "fp16", "+ SDPA", "+ compile",
-                                      "+ Triton tail", "+ CUDA graphs"]
 
-    def switches(r):
-        o = r.options
-        return {"dtype": o.dtype, "sdpa": not r.math_attention, "compile": o.compile, "tail": r.backend,
-                "graphs": o.cuda_graphs, "channels_last": o.channels_last, "mode": o.compile_mode}
-
-    for before, after in zip(rows, rows[1:]):
-        a, b = switches(before), switches(after)
-        assert sum(a[k] != b[k] for k in a) == 1, (before.name, after.name)
-    assert rows[0].options.dtype == torch.float32 and rows[1].options.dtype == torch.float16
-    variants = {r.name: switches(r) for r in benchmarks.GPU_PLAN.variants}
-    last = switches(rows[-1])
-    assert {k for k in last if variants["+ CUDA graphs, channels_last"][k] != last[k]} == {"channels_last"}
-    assert {k for k in last if variants["+ CUDA graphs, max-autotune (--fast)"][k] != last[k]} == {"mode"}
+def test_gpu_rows_in_priority_order_each_one_switch_from_its_parent():
+    jobs = benchmarks.GPU_PLAN.jobs()
+    assert [(r.name, r.size, r.batch) for r in jobs] == [
+        (REFERENCE, (480, 640), 1), (HEADLINE, (480, 640), 1), ("fast without CUDA graphs", (480, 640), 1),
+        ("fp16 eager (Triton tail)", (480, 640), 1), ("step tail, Triton", (480, 640), 1),
+        ("step tail, torch", (480, 640), 1), ("fp32 eager, TF32", (480, 640), 1), (HEADLINE, (256, 256), 1),
+        (HEADLINE, (1024, 1280), 1), (HEADLINE, (480, 640), 8)]
     assert benchmarks.GPU_PLAN.config.model_channels == 256 and benchmarks.GPU_PLAN.steps == 100
+    by_name = {}
+    for r in jobs:
+        by_name.setdefault(r.name, r)
+    assert [r.name for r in jobs if r.parent is None] == [REFERENCE, HEADLINE, "step tail, Triton"]
+    for r in jobs[1:]:
+        if r.parent is None:
+            continue
+        parent = by_name[r.parent]
+        a, b = _switches(parent), _switches(r)
+        assert sum(a[k] != b[k] for k in a) == 1, (r.name, r.size, r.batch, r.parent)
+    ref = jobs[0]
+    assert (ref.accel.dtype, ref.accel.compile, ref.accel.cuda_graphs, ref.tf32) == ("fp32", False, False, False)
+    # max-autotune and channels_last only on request, last.
+    assert all(r.accel.compile_mode == "default" and not r.accel.channels_last for r in jobs)
+    extra = benchmarks.gpu_plan(max_autotune=True, channels_last=True).jobs()
+    assert [r.name for r in extra[-2:]] == ["fast, max-autotune", "fast, channels_last"]
+    assert _switches(extra[-2]) == {**_switches(jobs[1]), "mode": "max-autotune"}
 
 
-def test_gpu_plan_runs_end_to_end_on_cpu_with_a_tiny_model(monkeypatch):
-    """The GPU plan's logic (reference, chain, variants, other sizes and batches, speed-ups) on a tiny model:
-    compile rows trace with dynamo only and CUDA graphs are skipped off CUDA (said once), so this is the code
-    path of ``bench --suite gpu`` minus the GPU."""
-    import dataclasses
+def test_the_headline_is_what_accel_fast_resolves_to_on_cuda(monkeypatch):
+    from ddfm_fast import plan as plan_mod
 
-    from ddfm_fast import benchmarks
-    from ddfm_fast.unet import UNetConfig
-
-    def cpu_row(r):
-        return dataclasses.replace(r, options=dataclasses.replace(r.options, compile_backend="eager"))
-
-    plan = dataclasses.replace(
-        benchmarks.GPU_PLAN, config=UNetConfig.from_create_model_args(benchmarks.TINY_ADM_ARGS), steps=2,
-        waterfall_size=(16, 16), fast_sizes=(), batches=(1, 2), slow_timed_steps=1, budget_s=600.0,
-        rows=tuple(cpu_row(r) for r in benchmarks.GPU_PLAN.rows),
-        variants=tuple(cpu_row(r) for r in benchmarks.GPU_PLAN.variants))
-    lines, seen = [], []
-    results = benchmarks.run_plan(plan, torch.device("cpu"), log=lines.append,
-                                  on_result=lambda so_far: seen.append(len(so_far)))
-    assert seen == list(range(1, len(results) + 1))  # called after every row, with all rows so far
-    names = [(r.row, r.size, r.batch) for r in results]
-    assert names == [("fp32 eager (reference)", "16x16", 1)] + [(r.name, "16x16", 1) for r in plan.rows] + [
-        ("+ CUDA graphs", "16x16", 2)] + [(r.name, "16x16", 1) for r in plan.variants]
-    assert len(lines) == len(results)
-    for r in results:
-        assert r.error is None, (r.row, r.error)
-        assert r.per_image_s > 0 and r.speedup_vs_upstream is None
-    by = {(r.row, r.size, r.batch): r for r in results}
-    first = by[("fp32 eager, materialised attention", "16x16", 1)]
-    assert first.extrapolated and first.psnr_vs_fp32_db is None  # timed on 1 of 2 steps
-    # Every fully timed fp16 row is compared with the fp32 reference on the 8-bit output.
-    assert all(r.psnr_vs_fp32_db > 40 for r in results[3:len(plan.rows) + 1] + results[-len(plan.variants):])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(plan_mod, "triton_not_supported_reasons", lambda device, env=None: [])
+    p = plan_mod.plan("cuda", AccelConfig.fast(), env={})
+    assert (p.dtype, p.compile, p.compile_mode, p.cuda_graphs, p.backend, p.channels_last) == (
+        FAST.dtype, FAST.compile, FAST.compile_mode, FAST.cuda_graphs, FAST.backend, FAST.channels_last)
+    assert AccelConfig.fast().compile_mode == "default"
 
 
-def test_budget_zero_skips_every_row_after_the_reference(tmp_path):
+@pytest.mark.parametrize("mode", COMPILE_MODES)
+def test_inductor_never_captures_graphs_of_its_own(monkeypatch, mode):
+    """The sampler captures the step itself; inductor's own CUDA graphs (max-autotune's default) must be off."""
+    from ddfm_fast.sampler import DDFMSampler
+
+    seen = []
+
+    def fake_compile(fn, **kwargs):
+        seen.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = benchmarks.random_model(TINY, device=torch.device("cpu"))
+    x, I, V = benchmarks._inputs(1, 16, 16, torch.device("cpu"))  # noqa: E741
+    DDFMSampler(SamplerConfig(steps=1), AccelConfig(compile=True, compile_mode=mode)).sample(model, x, I, V)
+    [kwargs] = seen
+    assert kwargs["mode"] == {"default": None, "max-autotune": "max-autotune-no-cudagraphs",
+                              "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}[mode]
+    assert kwargs["fullgraph"] is True
+
+
+def test_paper_model_flops():
+    """DESIGN.md: one forward of the paper's UNet at 480x640 is about 10.7 TFLOP; cost is linear in the batch."""
+    from ddfm_fast.unet import ADM256_UNCOND_CONFIG
+
+    one = benchmarks.unet_flops(ADM256_UNCOND_CONFIG, 1, 480, 640)
+    assert 10.6e12 < one < 10.8e12
+    assert benchmarks.unet_flops(ADM256_UNCOND_CONFIG, 8, 480, 640) == 8 * one
+
+
+def test_tail_bytes_follow_the_kernels_traffic_model():
+    """kernels/em_tail.py: about 36 float32 planes per step, 44 MB at 480x640."""
+    plane, half = 480 * 640 * 4, 480 * 321 * 8
+    assert benchmarks.tail_bytes(1, 480, 640) == 32 * plane + 4 * half
+    assert 43e6 < benchmarks.tail_bytes(1, 480, 640) < 45e6
+
+
+def test_step_tail_is_timed_over_many_calls():
+    tail = benchmarks.make_tail("torch", (32, 48), 1, torch.device("cpu"))
+    seconds, how = benchmarks.time_tail(tail, torch.device("cpu"), calls=4)
+    assert seconds > 0 and how == "4 calls timed with perf_counter"
+
+
+class _GraphBreakingUNet(UNetModel):
+    def forward(self, x, t):
+        torch._dynamo.graph_break()
+        return super().forward(x, t)
+
+
+def test_a_row_whose_plan_changed_at_run_time_fails_and_says_why():
+    """A compile given up (here: a graph break under fullgraph=True) falls back to eager; the row must not report
+    the eager time under the compiled row's name."""
+    model = _GraphBreakingUNet(TINY).eval()
+    row = Row("compiled", AccelConfig(compile=True, compile_backend="eager"), (16, 16))
+    with pytest.warns(RuntimeWarning, match="compile given up"):
+        res, _ = benchmarks.run_row(row, model, 1, torch.device("cpu"), reference=None)
+    assert res.status == "failed" and res.error.startswith("the plan changed at run time: compile given up")
+    line = benchmarks.format_row(res)
+    assert "FAILED: the plan changed at run time" in line and "fell back: compile given up" in line
+
+
+def _fake_runs(monkeypatch, seconds_per_row: float, clock: list[float], rate: float = 1e9):
+    """run_row / run_tail_row that take ``seconds_per_row`` of a fake clock and run at ``rate`` FLOP/s."""
+    calls = []
+
+    def run_row(row, model, steps, device, *, reference):
+        calls.append(row.name)
+        clock[0] += seconds_per_row
+        step = benchmarks.unet_flops(TINY, row.batch, *row.size) / rate
+        r = Result(row.name, f"{row.size[0]}x{row.size[1]}", row.batch, steps, steps * step, 1 / (steps * step),
+                   step, 3.0 if row.compiles else 0.0, None, None, False, seconds=seconds_per_row)
+        return r, None
+
+    def run_tail_row(row, device, calls_):
+        calls.append(row.name)
+        clock[0] += seconds_per_row
+        return Result(row.name, "x", 1, 1, None, None, 1e-4, None, None, None, False, kind="tail", effective_gbps=1.0,
+                      seconds=seconds_per_row)
+
+    monkeypatch.setattr(benchmarks, "run_row", run_row)
+    monkeypatch.setattr(benchmarks, "run_tail_row", run_tail_row)
+    return calls
+
+
+def test_the_gate_predicts_from_measured_rates_and_skips_what_would_end_past_the_budget(monkeypatch):
+    """Every row takes 5 s of a fake clock and runs at 1 GFLOP/s; the numbers below follow from the dry-run plan's
+    CPU priors (compile 10 s, overhead 1 s, fp16 at 1/10 of fp32, compiled 1.2x) and the tiny UNet's FLOPs."""
+    sizes = {(480, 640): (24, 32), (256, 256): (16, 16), (1024, 1280): (48, 64)}
+    dry = benchmarks.dry_run_plan(benchmarks.GPU_PLAN)
+    plan = dataclasses.replace(dry, budget_s=60.0, waterfall_size=(24, 32), schedule=tuple(
+        dataclasses.replace(r, size=sizes[r.size]) for r in benchmarks.GPU_PLAN.schedule))
+    clock = [0.0]
+    calls = _fake_runs(monkeypatch, 5.0, clock)
+    pendings = []
+    results = benchmarks.run_plan(plan, torch.device("cpu"), log=lambda _: None, start=0.0,
+                                  clock=lambda: clock[0], on_result=lambda so_far, p: pendings.append(len(p)))
+    assert len(results) == len(plan.jobs()) and pendings == list(range(len(results) - 1, -1, -1))
+    assert [r.status for r in results] == ["ok"] * 9 + ["skipped"]
+    assert calls == [r.row for r in results[:9]]
+    # The second row is predicted from the first one's measured rate, scaled by the priors' fp16 / fp32 ratio.
+    head = results[1]
+    assert head.row == HEADLINE
+    flops = benchmarks.unet_flops(TINY, 1, *plan.jobs()[1].size)
+    expected = plan.priors.compile_s + 3 * flops / (1e9 * plan.priors.tflops["fp16"] / plan.priors.tflops["fp32"]
+                                                    * plan.priors.compile_gain) + plan.priors.overhead_s
+    assert head.predicted_s == pytest.approx(expected, abs=0.1)
+    # The last row (batch 8) would end at ~63.5 s: its compile is the one measured (3 s), its rate the headline's.
+    last = results[-1]
+    assert last.batch == 8 and "past the 60 s budget" in last.skipped and last.skipped.startswith("predicted 19 s")
+    assert "compile ~3 s (measured)" in last.skipped and f"measured by {HEADLINE!r}" in last.skipped
+
+
+def test_budget_zero_skips_every_row_and_says_why(tmp_path):
     out = tmp_path / "b.json"
     res = CliRunner().invoke(main, ["bench", "--suite", "quick", "--budget-s", "0", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    rows = json.loads(out.read_text())["rows"]
-    assert rows[0]["row"] == "fp32 eager (reference)" and rows[0]["error"] is None
-    assert len(rows) == 5 and all(r["error"] == "skipped: the suite's time budget is spent" for r in rows[1:])
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert len(rows) == 5 and all(r["status"] == "skipped" and "past the 0 s budget" in r["skipped"] for r in rows)
+    assert [n["row"] for n in report["not_run"]] == [r["row"] for r in rows]
+    assert "SKIPPED: predicted" in res.output
 
 
-def test_a_run_stopped_midway_leaves_the_rows_it_measured(tmp_path, monkeypatch):
+def test_a_run_stopped_midway_leaves_the_rows_it_measured_and_names_the_rest(tmp_path, monkeypatch):
     """The report is rewritten after every row: a run killed by a time limit keeps its measurements."""
-    from ddfm_fast import benchmarks
-
     real_run_row, calls = benchmarks.run_row, []
 
     def run_row_then_stop(*args, **kwargs):
@@ -130,12 +235,46 @@ def test_a_run_stopped_midway_leaves_the_rows_it_measured(tmp_path, monkeypatch)
     assert report["complete"] is False
     assert [r["row"] for r in report["rows"]] == ["fp32 eager (reference)", "fp32 eager"]
     assert all(r["per_image_s"] > 0 for r in report["rows"])
+    assert [n["row"] for n in report["not_run"]] == ["bf16", "fp32 + compile (dynamo only)",
+                                                     "fp32 eager, channels_last"]
+    assert all(n["why"] == "not reached: the command stopped before this row" for n in report["not_run"])
 
 
-def test_gpu_tests_that_overrun_are_stopped_and_reported():
-    from ddfm_fast.cli_bench import _run_gpu_tests
+def test_dry_run_options_are_checked(tmp_path):
+    res = CliRunner().invoke(main, ["bench", "--suite", "quick", "--dry-run"])
+    assert res.exit_code == 2 and "--dry-run previews the gpu suite" in res.output
+    res = CliRunner().invoke(main, ["bench", "--suite", "gpu", "--dry-run", "--reference", str(tmp_path / "no")])
+    assert res.exit_code == 2 and "no such folder" in res.output
 
-    lines = []
-    report = _run_gpu_tests(lines.append, timeout_s=0.05)  # far less than pytest needs to start
-    assert report["ran"] and report["exit_code"] == 124
-    assert lines[-1] == "ddfm-fast bench: the GPU tests ran past 0.05 s and were stopped"
+
+@pytest.mark.slow
+def test_dry_run_of_the_gpu_suite_on_cpu(tmp_path, reference_dir):
+    """The whole gpu plan on this CPU with the tiny model: same rows, same order, the tests collected with the
+    goldens found, the forecast printed; what a GPU session runs, minus the GPU."""
+    out = tmp_path / "dry.json"
+    res = CliRunner().invoke(main, ["bench", "--suite", "gpu", "--dry-run", "--reference", str(reference_dir),
+                                    "--budget-s", "100000", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["dry_run"] is True and report["complete"] is True and report["not_run"] == []
+    tests = report["tests"]
+    assert tests["ok"] and tests["collect_only"] and tests["missing_goldens"] == []
+    names = {t["test"].split("::")[0] for t in tests["tests"]}
+    assert names == {"tests/test_gpu.py", "tests/test_kernels.py"}
+    assert all(t["outcome"] == "collected" for t in tests["tests"])
+    gpu_jobs = benchmarks.GPU_PLAN.jobs()
+    assert [(r["row"], r["batch"]) for r in report["rows"]] == [(j.name, j.batch) for j in gpu_jobs]
+    assert [f["row"] for f in report["forecast"]] == [j.name for j in gpu_jobs]
+    assert "forecast for the gpu suite on an H100/H200" in res.output
+    rows = report["rows"]
+    assert all(r["status"] == "ok" for r in rows), [(r["row"], r["error"]) for r in rows if r["status"] != "ok"]
+    assert all(r["predicted_s"] is not None for r in rows)
+    head = rows[1]
+    assert head["plan"]["compile"] and head["plan"]["backend"] == "triton" and head["plan"]["dtype"] == "fp16"
+    assert rows[0]["precision"]["tf32"] is False
+    tf32 = next(r for r in rows if r["row"] == "fp32 eager, TF32")
+    assert tf32["precision"]["tf32"] is True and tf32["psnr_vs_fp32_db"] is not None
+    tails = [r for r in rows if r["kind"] == "tail"]
+    assert len(tails) == 2 and all(t["step_s"] > 0 and t["effective_gbps"] > 0 for t in tails)
+    # The batch-8 row's first image has the reference's inputs: it is compared with the reference too.
+    assert rows[-1]["batch"] == 8 and rows[-1]["psnr_vs_fp32_db"] is not None
