@@ -704,23 +704,6 @@ def evaluate(
 
 
 # ------------------------------------------------------------------------------------------------- reading
-def _rgb8(im, path: str) -> np.ndarray:
-    """8-bit RGB (H, W, 3) or grey (H, W) uint8 array of a Pillow image, as cv2.imread(IMREAD_COLOR) decodes."""
-    mode = im.mode
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit data: OpenCV keeps the high byte (v >> 8) when it decodes to 8 bits, and so does Pillow for
-        # 16-bit RGB PNGs; Pillow's own convert("L") would clip at 255 instead. Mode "I" (32-bit int, how some
-        # Pillow versions open 16-bit grey PNGs) is taken as 16-bit data, values clipped to 0..65535.
-        v = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
-        return (v >> 8).astype(np.uint8)
-    if mode == "F":
-        raise ImageReadError(f"{path}: 32-bit float images (mode F) are not supported; save the image as 8-bit")
-    if mode == "L":
-        return np.asarray(im, dtype=np.uint8)
-    # Palette, bilevel, grey+alpha, RGBA, CMYK, ...: to RGB; alpha is dropped, not composited (as OpenCV does).
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
 def _gray_y(rgb: np.ndarray) -> np.ndarray:
     """OpenCV's float32 BGR2GRAY (bitwise, ``io.gray_bgr2gray``), rounded half to even as the evaluator does.
 
@@ -733,26 +716,17 @@ def _gray_y(rgb: np.ndarray) -> np.ndarray:
 def read_gray_eval(path: str | PathLike[str]) -> np.ndarray:
     """Read an image as the evaluator's ``image_read_cv2(path, "GRAY")``: float32 grey levels 0..255.
 
-    Decoded to 8-bit RGB first (single-channel, palette, RGBA and 16-bit files too; 16-bit keeps the high
-    byte as OpenCV does; EXIF orientation applied as cv2.imread does), then Y = 0.299 R + 0.587 G + 0.114 B
-    in float32 (OpenCV's order of operations), rounded half to even. Grey files give their values unchanged.
-    Raises ImageReadError naming the file if it cannot be read.
+    Decoded by :func:`ddfm_fast.io.open_image` (the same checks as every input: the pixel cap read from the
+    header, one frame only, odd files refused with a one-line :class:`ImageReadError` naming the file; EXIF
+    orientation applied as cv2.imread does), then to 8 bits as OpenCV does (16-bit data keeps its high byte),
+    then Y = 0.299 R + 0.587 G + 0.114 B in float32 (OpenCV's order of operations), rounded half to even. Grey
+    files give their values unchanged (R = G = B = v gives Y within 2e-5 of v, which rounds back to v).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from ddfm_fast.io import open_image
 
-    p = str(path)
-    try:
-        with Image.open(p) as im:
-            im = ImageOps.exif_transpose(im)
-            arr = _rgb8(im, p)
-    except ImageReadError:
-        raise
-    except FileNotFoundError:
-        raise ImageReadError(f"{p}: no such file") from None
-    except (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-        # Pillow signals corrupt files with any of these (SyntaxError: broken PNG chunks; EOFError: truncation)
-        raise ImageReadError(f"{p}: cannot read image ({e})") from e
-    if arr.ndim == 2:
-        # R = G = B = v gives Y = v * (0.299f + 0.587f + 0.114f) within 2e-5 of v, which rounds back to v.
-        return arr.astype(np.float32)
-    return _gray_y(arr)
+    pixels = open_image(path).pixels
+    if pixels.dtype == np.uint16:
+        pixels = (pixels >> 8).astype(np.uint8)
+    if pixels.ndim == 2:
+        return pixels.astype(np.float32)
+    return _gray_y(pixels)

@@ -388,3 +388,20 @@ def test_read_errors_name_the_file(tmp_path):
     Image.fromarray(np.zeros((3, 3), np.float32), "F").save(tmp_path / "float.tif")
     with pytest.raises(M.ImageReadError, match="float.tif"):
         read_gray_eval(tmp_path / "float.tif")
+
+
+def test_evaluator_reader_has_the_input_checks(tmp_path, monkeypatch):
+    """eval and score read through io.open_image: the pixel cap from the header and one frame only."""
+    from PIL import Image
+
+    from ddfm_fast.io import ImageReadError
+
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "a.png")
+    monkeypatch.setenv("DDFM_FAST_MAX_PIXELS", "1000")
+    with pytest.raises(ImageReadError, match="a.png"):
+        read_gray_eval(tmp_path / "a.png")
+    monkeypatch.delenv("DDFM_FAST_MAX_PIXELS")
+    frames = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (0, 255)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageReadError, match="anim.gif"):
+        read_gray_eval(tmp_path / "anim.gif")
