@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ddfm_fast import cli_options as opts
 from ddfm_fast import evaluation as ev
+from ddfm_fast import tables
 from ddfm_fast.metrics import METRIC_NAMES, VARIANTS
 from ddfm_fast.pairing import InputError, pair_by_stem, roles
 
@@ -32,8 +33,12 @@ def report_skipped(skipped: list[ev.Skipped]) -> None:
 
 def _out_paths(out: Path) -> tuple[Path, Path]:
     """-o results / results.csv / results.json -> (results.csv, results.json)."""
-    base = out.with_suffix("") if out.suffix.lower() in (".csv", ".json") else out
+    base = out.with_suffix("") if out.suffix.lower() in _OUT_SUFFIXES else out
     return base.with_name(base.name + ".csv"), base.with_name(base.name + ".json")
+
+
+_OUT_SUFFIXES = (".csv", ".json", ".md", ".tex")
+_TABLE_SUFFIX = {"markdown": ".md", "latex": ".tex"}
 
 
 def _bar(desc: str, show: bool = True) -> Any:
@@ -41,11 +46,49 @@ def _bar(desc: str, show: bool = True) -> Any:
                               leave=False)
 
 
+def _metric_list(text: Optional[str]) -> list[str]:
+    """``--metrics EN,SD,Qabf`` (case-insensitive) in the given order; all twelve when omitted."""
+    if not text:
+        return list(METRIC_NAMES)
+    by_lower = {m.lower(): m for m in METRIC_NAMES}
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n.lower() not in by_lower]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown metric(s) {', '.join(unknown) or repr(text)}; choose from "
+                                 + ", ".join(METRIC_NAMES), param_hint="--metrics")
+    return list(dict.fromkeys(by_lower[n.lower()] for n in names))
+
+
 # ----------------------------------------------------------------------------------------------------- eval
 
+_EVAL_HELP = f"""Score fused images against their sources with the 12 fusion metrics, for one or several methods.
 
-@click.command("eval")
-@click.option("--fused", "fused_dir", type=_DIR, required=True, help="Folder of fused images.")
+\b
+  ddfm-fast eval --fused fused --ir-dir MSRS/ir --vis-dir MSRS/vi
+  ddfm-fast eval --fused DDFM=runs/ddfm --fused EM=runs/em --ir-dir A --vis-dir B \\
+                 --format markdown -o results
+
+Each --fused is one method: NAME=DIR, or a bare DIR named after its folder. Images pair by file stem across the
+folders (extensions may differ). Each is read as the CDDFuse evaluator reads it (8-bit, grey Y = 0.299 R +
+0.587 G + 0.114 B, rounded). Prints one summary line per method: the mean and the standard deviation over its
+images (population, ddof 0), rounded to --decimals, the best value of each column marked (the highest; for MSE
+the lowest). --per-image also prints every image's scores. Unreadable files, missing partners and size
+mismatches are listed on stderr and skipped. Exit code 1 if no image could be scored.
+
+\b
+With -o results it writes results.csv (one row per method and image, no
+summary rows), results_summary.csv (per method: count, mean and std of each
+metric) and results.json (everything), all in full precision, plus
+results_summary.md or .tex with --format markdown / latex.
+
+What each metric rewards, why SSIM (a sum of two SSIMs) can exceed 1, and how the --variant choices differ:
+{ev.GUIDE} in the ddfm-fast repository.
+"""
+
+
+@click.command("eval", help=_EVAL_HELP, context_settings={"max_content_width": 100})
+@click.option("--fused", "fused_specs", multiple=True, required=True, metavar="[NAME=]DIR",
+              help="A method's folder of fused images; repeat for several methods.")
 @click.option("--ir-dir", type=_DIR, help="IVF: folder of infrared images (A).")
 @click.option("--vis-dir", type=_DIR, help="IVF: folder of visible images (B).")
 @click.option("--func-dir", type=_DIR, help="MIF: folder of CT / PET / SPECT images (A).")
@@ -54,72 +97,106 @@ def _bar(desc: str, show: bool = True) -> Any:
               help="ivf (A = infrared, B = visible) or mif (A = functional: CT/PET/SPECT, B = MRI); "
                    "inferred from the folder options when omitted.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output prefix: '-o results' writes results.csv and results.json "
-                   "(a .csv or .json suffix is dropped first).")
+              help="Output prefix: '-o results' writes results.csv, results_summary.csv and results.json "
+                   "(a .csv, .json, .md or .tex suffix is dropped first).")
+@click.option("--format", "fmt", type=click.Choice(tables.FORMATS), default="text", show_default=True,
+              help="Format of the printed summary table (json keeps full precision).")
+@click.option("--decimals", type=click.IntRange(0, 12), default=2, show_default=True,
+              help="Decimals of the printed summary (papers print 2).")
+@click.option("--metrics", "metric_names", metavar="EN,SD,...",
+              help="Columns of the summary table, in this order (default: all 12).")
+@click.option("--no-std", is_flag=True, help="Print the means alone, without the standard deviation.")
+@click.option("--per-image", is_flag=True, help="Also print every image's scores (text tables).")
 @click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="cddfuse", show_default=True,
-              help="Metric definitions: cddfuse is the evaluator behind the published numbers.")
+              help=f"Metric definitions: cddfuse is the evaluator behind the published numbers ({ev.GUIDE}).")
 @click.option("--crop-sources", is_flag=True,
               help="Crop A and B top-left to a smaller fused image (DDFM crops its inputs to multiples of 32).")
-def eval_command(fused_dir: Path, ir_dir: Optional[Path], vis_dir: Optional[Path], func_dir: Optional[Path],
-                 mri_dir: Optional[Path], mode: Optional[str], out: Optional[Path], variant: str,
+def eval_command(fused_specs: tuple[str, ...], ir_dir: Optional[Path], vis_dir: Optional[Path],
+                 func_dir: Optional[Path], mri_dir: Optional[Path], mode: Optional[str], out: Optional[Path],
+                 fmt: str, decimals: int, metric_names: Optional[str], no_std: bool, per_image: bool, variant: str,
                  crop_sources: bool) -> None:
-    """Score fused images against their sources with the 12 fusion metrics.
-
-    Images pair by file stem across the three folders (extensions may differ). Each is read as the CDDFuse
-    evaluator reads it (8-bit, grey Y = 0.299 R + 0.587 G + 0.114 B, rounded). Prints a table per image and
-    the mean; unreadable files, missing partners and size mismatches are listed on stderr and skipped.
-    Exit code 1 if no image could be scored.
-    """
     mode, a_dir, b_dir = opts.mode_and_folders(mode, dict(ir_dir=ir_dir, vis_dir=vis_dir, func_dir=func_dir,
                                                           mri_dir=mri_dir))
     opts.require_both(mode, a_dir, b_dir, what=f"eval --mode {mode}")
+    shown = _metric_list(metric_names)
     try:
-        pairing = ev.pair_for_eval(fused_dir, a_dir, b_dir, mode)
+        methods = ev.parse_methods(fused_specs)
+    except ev.MethodSpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fused") from exc
+    try:
+        pairings = {m.name: ev.pair_for_eval(m.folder, a_dir, b_dir, mode) for m in methods}
     except InputError as exc:
         raise click.ClickException(str(exc)) from exc
+    work: list[ev.Work] = [(m.name, p) for m in methods for p in pairings[m.name].pairs]
     dctx = _eval_session()  # distributed hook: under torchrun each rank scores a shard (None otherwise)
-    work = pairing.pairs
     if dctx is not None:
         from ddfm_fast import distributed
 
-        costs = [distributed.image_pixels(p.files["fused"], multiple=1) for p in work]
-        work = [work[i] for i in distributed.lpt_shards([p.stem for p in work], costs, dctx.world_size)[dctx.rank]]
-    rows, not_scored = ev.score_pairs(work, variant, crop_sources,
-                                      wrap=_bar("eval", dctx is None or dctx.is_main))
-    if dctx is not None:  # distributed hook: rank 0 gathers rows (in stem order, as one process scores them)
+        costs = [distributed.image_pixels(p.files["fused"], multiple=1) for _, p in work]
+        keys = [f"{name}/{p.stem}" for name, p in work]
+        work = [work[i] for i in distributed.lpt_shards(keys, costs, dctx.world_size)[dctx.rank]]
+    rows, not_scored = ev.score_methods(work, variant, crop_sources, wrap=_bar("eval", dctx is None or dctx.is_main))
+    if dctx is not None:  # distributed hook: rank 0 gathers rows (keyed by method and stem)
         from ddfm_fast import distributed
 
         gathered = distributed.finish_eval(dctx, rows, not_scored)
         if gathered is None:  # not rank 0: wait for rank 0's files and exit with its code
             _end_eval_session(dctx, None)
-        all_rows, not_scored = gathered
-        rows = {p.stem: all_rows[p.stem] for p in pairing.pairs if p.stem in all_rows}
-    skipped = sorted(ev.skipped_of(pairing) + not_scored, key=lambda s: s.image)
-    scores = ev.Scores(rows, ev.mean_of(rows), skipped, not_fused=pairing.undriven)
-    _print_eval(scores, mode, variant)
+        rows, not_scored = gathered
+    results = ev.collect_methods(methods, pairings, rows, not_scored)
+    summary = [res.summary_row() for res in results if res.scores.rows]
+    _print_eval(results, summary, shown, fmt, decimals, not no_std, per_image, mode, variant)
     if out is not None:
-        csv_path, json_path = _out_paths(out)
-        ev.write_text(csv_path, ev.eval_csv(scores.rows, scores.mean))
-        folders = {"fused": fused_dir, "A": a_dir, "B": b_dir}
-        ev.write_text(json_path, ev.dump_json(ev.eval_doc(scores, mode, variant, folders)))
-        click.echo(f"wrote {csv_path} and {json_path}", err=True)
+        _write_eval(out, results, summary, shown, fmt, decimals, not no_std, mode, variant, a_dir, b_dir)
+    scored = any(res.scores.rows for res in results)
     if dctx is not None:  # distributed hook: rank 0 tells the others its exit code, then all exit together
-        _end_eval_session(dctx, 0 if rows else 1)
-    if not rows:
+        _end_eval_session(dctx, 0 if scored else 1)
+    if not scored:
         raise SystemExit(1)
 
 
-def _print_eval(scores: ev.Scores, mode: str, variant: str) -> None:
+def _print_eval(results: list[ev.MethodScores], summary: list[tables.SummaryRow], shown: list[str], fmt: str,
+                decimals: int, show_std: bool, per_image: bool, mode: str, variant: str) -> None:
     r = roles(mode)
-    if scores.rows:
-        click.echo(ev.format_table([*scores.rows.items(), ("mean", scores.mean)], METRIC_NAMES))
-    report_skipped(scores.skipped)
-    if scores.not_fused:
-        shown = ", ".join(scores.not_fused[:10]) + (", ..." if len(scores.not_fused) > 10 else "")
-        click.echo(f"not fused (source stems without a fused image, not scored): {len(scores.not_fused)}: {shown}",
-                   err=True)
-    click.echo(f"scored {len(scores.rows)} image(s), skipped {len(scores.skipped)}; mode {mode} "
-               f"(A = {r.ir_name}, B = {r.vis_name}), metrics {variant}", err=True)
+    many = len(results) > 1
+    for res in results:
+        prefix = f"{res.name}: " if many else ""
+        if per_image and res.scores.rows:
+            if many:
+                click.echo(f"{res.name}:")
+            click.echo(ev.format_table(list(res.scores.rows.items()), shown))
+        if res.scores.skipped:
+            click.echo(f"{prefix}skipped {len(res.scores.skipped)}:", err=True)
+            for s in res.scores.skipped:
+                click.echo(f"  {s.image}: {s.reason}", err=True)
+        if res.scores.not_fused:
+            nf = res.scores.not_fused
+            shown_nf = ", ".join(nf[:10]) + (", ..." if len(nf) > 10 else "")
+            click.echo(f"{prefix}not fused (source stems without a fused image, not scored): {len(nf)}: {shown_nf}",
+                       err=True)
+    if summary:
+        click.echo(tables.format_summary(summary, shown, fmt, decimals, show_std), nl=False)
+    counts = ", ".join(f"{res.name} {len(res.scores.rows)}" for res in results) if many else \
+        f"{len(results[0].scores.rows)} image(s)"
+    skipped = sum(len(res.scores.skipped) for res in results)
+    click.echo(f"scored {counts}, skipped {skipped}; mode {mode} (A = {r.ir_name}, B = {r.vis_name}), metrics "
+               f"{variant}; what the metrics mean: {ev.GUIDE} in the ddfm-fast repository", err=True)
+
+
+def _write_eval(out: Path, results: list[ev.MethodScores], summary: list[tables.SummaryRow], shown: list[str],
+                fmt: str, decimals: int, show_std: bool, mode: str, variant: str, a_dir: Path, b_dir: Path) -> None:
+    csv_path, json_path = _out_paths(out)
+    summary_path = csv_path.with_name(csv_path.stem + "_summary.csv")
+    best = tables.best_marks(summary, METRIC_NAMES, decimals)
+    ev.write_text(csv_path, ev.per_image_csv(results))
+    ev.write_text(summary_path, tables.summary_csv(summary, METRIC_NAMES))
+    ev.write_text(json_path, ev.dump_json(ev.methods_doc(results, mode, variant, a_dir, b_dir, best)))
+    written = [csv_path, summary_path, json_path]
+    if fmt in _TABLE_SUFFIX:
+        table_path = csv_path.with_name(csv_path.stem + "_summary" + _TABLE_SUFFIX[fmt])
+        ev.write_text(table_path, tables.format_summary(summary, shown, fmt, decimals, show_std))
+        written.append(table_path)
+    click.echo("wrote " + ", ".join(map(str, written)), err=True)
 
 
 def _eval_session() -> Any:

@@ -15,9 +15,10 @@ import click
 from ddfm_fast import cli_options as opts
 from ddfm_fast.cli_eval import report_skipped
 from ddfm_fast.cli_fuse import EXIT_PAIRS_FAILED
-from ddfm_fast.evaluation import format_table
+from ddfm_fast.evaluation import GUIDE, format_table
 from ddfm_fast.metrics import METRIC_NAMES
 from ddfm_fast.pairing import InputError
+from ddfm_fast.tables import format_summary
 from ddfm_fast.scoring import (
     FUSED_DIR,
     PAPER_LABELS,
@@ -44,7 +45,8 @@ DATASET_DIR holds ir/ + vi/ (infrared-visible fusion) or MRI/ + one of
 CT/, PET/, SPECT/ (medical fusion, the Harvard set), paired by file stem.
 The dataset is named after the folder (ivf/MSRS -> MSRS; any mif folder ->
 Harvard) or by --dataset (MSRS, M3FD, RoadScene, TNO, Harvard,
-RoadScene-EM-only); it picks the paper's row (METRICS.md).
+RoadScene-EM-only); it picks the paper's row (docs/METRICS.md in the
+repository lists them, and says what each metric rewards).
 
 \b
 The pairs are fused into OUTDIR/fused/ as `ddfm-fast fuse` does (resumable:
@@ -52,9 +54,12 @@ existing outputs are kept unless --overwrite, when OUTDIR/fused/ddfm_summary.jso
 shows the same output-affecting settings; otherwise the run stops and names
 them), then every fused image is scored as `ddfm-fast eval` does (the CDDFuse
 evaluator; with --size-policy crop the sources are cropped to the fused size).
-Prints the mean of EN, SD, MI, VIF, Qabf, SSIM (per image with -v), the
-paper's row and the difference, and writes OUTDIR/scores.csv and
-OUTDIR/scores.json (all twelve metrics, atomically).
+Prints the mean and std of EN, SD, MI, VIF, Qabf, SSIM (per image with -v),
+the paper's row and the difference, then what was compared (pairs, sizes,
+steps, prior) against the paper's protocol (its whole test set at full
+resolution, 100 steps of adm256-uncond), saying plainly when this run is not
+that protocol. Writes OUTDIR/scores.csv (per image), scores_summary.csv and
+scores.json (all twelve metrics, full precision, atomically).
 
 \b
 The sampler, model, run and acceleration flags are those of `ddfm-fast fuse`
@@ -69,17 +74,18 @@ but some pairs failed (listed on stderr and in scores.json).
 """
 
 
-def format_scores(result: ScoreResult, verbose: bool = False) -> str:
-    """The text table: per image (``verbose``), the mean, the paper's row and the delta, over the six metrics."""
-    rows: list[tuple[str, dict[str, float]]] = list(result.rows.items()) if verbose else []
-    rows.append((f"mean ({result.count})", result.mean))
-    if result.paper is not None and result.delta is not None:
-        rows.append((f"paper {result.layout.paper_key}", result.paper))
-        rows.append(("delta", result.delta))
-    lines = [format_table(rows, PAPER_METRICS)]
+def format_scores(result: ScoreResult, verbose: bool = False, decimals: int = 2) -> str:
+    """The text table over the paper's six metrics: per image (``verbose``), the mean and std, the paper's row and
+    the delta; then the means of the other six metrics and what was compared."""
+    lines: list[str] = []
+    if verbose:
+        lines.append(format_table(list(result.rows.items()), PAPER_METRICS, fmt=f"{{:.{decimals}f}}"))
+    lines.append(format_summary(result.summary_rows(), PAPER_METRICS, "text", decimals).rstrip("\n"))
     others = [k for k in METRIC_NAMES if k not in PAPER_METRICS]
     lines.append("mean of the metrics the paper does not report: "
-                 + ", ".join(f"{k} {result.mean[k]:.4f}" for k in others))
+                 + ", ".join(f"{k} {result.mean[k]:.{decimals}f}" for k in others))
+    if result.comparison is not None:
+        lines += result.comparison.lines()
     return "\n".join(lines)
 
 
@@ -91,13 +97,15 @@ def format_scores(result: ScoreResult, verbose: bool = False) -> str:
               help="Which paper row to compare with: " + ", ".join(PAPER_NUMBERS) + " (default: from the folder).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Fuse and score only the first N pairs.")
 @click.option("-v", "--verbose", is_flag=True, help="Print every image's scores, not only the mean.")
+@click.option("--decimals", type=click.IntRange(0, 12), default=2, show_default=True,
+              help="Decimals of the printed table (the files keep full precision).")
 @opts.model_options
 @opts.sampler_options
 @opts.run_options
 @opts.accel_options
 @click.pass_context
 def score_command(ctx: click.Context, dataset_dir: Path, out: Path, dataset: Optional[str], limit: Optional[int],
-                  verbose: bool, model: dict[str, Any], sampler: dict[str, Any], run: dict[str, Any],
+                  verbose: bool, decimals: int, model: dict[str, Any], sampler: dict[str, Any], run: dict[str, Any],
                   accel: dict[str, Any]) -> None:
     layout = _layout(dataset_dir, dataset, out)
     cfg = opts.build_run(ctx, sampler=sampler, accel=accel, model=model, run=run, mode=layout.mode)
@@ -115,7 +123,7 @@ def score_command(ctx: click.Context, dataset_dir: Path, out: Path, dataset: Opt
                                layout=layout, pairing=pairing)
     except (InputError, DatasetError) as exc:
         raise click.ClickException(str(exc)) from exc
-    ctx.exit(_report(result, out, verbose))
+    ctx.exit(_report(result, out, verbose, decimals))
 
 
 def _layout(dataset_dir: Path, dataset: Optional[str], out: Path) -> DatasetLayout:
@@ -138,7 +146,7 @@ def _layout(dataset_dir: Path, dataset: Optional[str], out: Path) -> DatasetLayo
     return layout
 
 
-def _report(result: ScoreResult, out: Path, verbose: bool) -> int:
+def _report(result: ScoreResult, out: Path, verbose: bool, decimals: int = 2) -> int:
     """Print the fusion totals, the scores beside the paper's row, the skips; write the files; the exit code."""
     s = result.summary
     rate = s.images_per_s
@@ -147,17 +155,17 @@ def _report(result: ScoreResult, out: Path, verbose: bool) -> int:
     for fallback in (s.plan or {}).get("fallbacks", []):
         click.echo(f"fell back: {fallback}", err=True)
     if result.rows:
-        click.echo(format_scores(result, verbose))
+        click.echo(format_scores(result, verbose, decimals))
     if result.paper is None:
         click.echo(f"the paper reports no numbers for {result.layout.name}; --dataset NAME compares with one of: "
                    + ", ".join(PAPER_NUMBERS), err=True)
     else:
-        click.echo(f"paper row: {PAPER_LABELS[result.layout.paper_key]} (DDFM, ICCV 2023, as METRICS.md lists it)",
-                   err=True)
+        click.echo(f"paper row: {PAPER_LABELS[result.layout.paper_key]} (DDFM, ICCV 2023, as {GUIDE} in the "
+                   "ddfm-fast repository lists it, with what each metric rewards)", err=True)
     report_skipped(result.skipped)
-    csv_path, json_path = write_scores(result, out)
-    click.echo(f"scored {result.count} image(s), skipped {len(result.skipped)}; wrote {csv_path} and {json_path}",
-               err=True)
+    paths = write_scores(result, out)
+    click.echo(f"scored {result.count} image(s), skipped {len(result.skipped)}; wrote "
+               + ", ".join(map(str, paths)), err=True)
     if not result.rows:
         return 1
     return EXIT_PAIRS_FAILED if s.failed else 0

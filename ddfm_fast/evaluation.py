@@ -7,6 +7,11 @@ Images pair by file stem (:func:`ddfm_fast.pairing.pair_by_stem`) and are read t
 
 Roles: A is the infrared (IVF) or functional CT / PET / SPECT (MIF) image, B the visible or MRI image
 (``ddfm_fast.pairing.ROLES``), as the CDDFuse evaluator takes them.
+
+Several methods at once: each :class:`Method` is a named folder of fused images scored against the same A and B
+(:func:`score_methods`); :class:`MethodScores` holds one method's rows, mean and spread, and the result files
+keep the per-image rows (:func:`per_image_csv`) apart from the summary (:func:`ddfm_fast.tables.summary_csv`).
+What each metric rewards, and why SSIM can exceed 1, is in the repository's docs/METRICS.md (:data:`GUIDE`).
 """
 
 from __future__ import annotations
@@ -25,8 +30,12 @@ import numpy as np
 from ddfm_fast.io import atomic_path
 from ddfm_fast.metrics import METRIC_NAMES, ImageReadError, evaluate, read_gray_eval, structural_similarity
 from ddfm_fast.pairing import Pair, Pairing, pair_by_stem, roles
+from ddfm_fast.tables import SummaryRow, jsonable
 
 Rows = dict[str, dict[str, float]]  # stem -> metric -> value
+
+# The metrics guide, in the repository (not installed with the package); messages point at it.
+GUIDE = "docs/METRICS.md"
 
 
 @dataclass
@@ -55,6 +64,12 @@ def skipped_of(pairing: Pairing) -> list[Skipped]:
 def mean_of(rows: Rows, names: Iterable[str] = METRIC_NAMES) -> dict[str, float]:
     """The mean of each metric over the rows (empty when there are none)."""
     return {k: float(np.mean([r[k] for r in rows.values()])) for k in names} if rows else {}
+
+
+def std_of(rows: Rows, names: Iterable[str] = METRIC_NAMES) -> dict[str, float]:
+    """The spread of each metric over the rows: the population standard deviation (ddof = 0, numpy's default;
+    0 for a single image), empty when there are no rows."""
+    return {k: float(np.std([r[k] for r in rows.values()])) for k in names} if rows else {}
 
 
 # ----------------------------------------------------------------------------------------------------- eval
@@ -109,12 +124,12 @@ def measure(pairs: Iterable[Pair], fn: Callable[[Mapping[str, Path]], dict[str, 
     return rows, skipped
 
 
-def eval_csv(rows: Rows, mean: dict[str, float]) -> str:
-    """One row per image and a last row "mean"; numbers in full precision (repr), inf as "inf"."""
+def eval_csv(rows: Rows) -> str:
+    """One row per image (no summary row: that is a separate file); full precision (repr), inf as "inf"."""
     buf = _stringio.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", *METRIC_NAMES])
-    for name, r in [*rows.items(), ("mean", mean)] if rows else []:
+    for name, r in rows.items():
         w.writerow([name, *(repr(float(r[k])) for k in METRIC_NAMES)])
     return buf.getvalue()
 
@@ -131,6 +146,140 @@ def eval_doc(scores: Scores, mode: str, variant: str, folders: Mapping[str, Path
         "mean": {k: jsonable(v) for k, v in scores.mean.items()},
         "skipped": [{"image": s.image, "reason": s.reason} for s in scores.skipped],
         "not_fused": scores.not_fused,
+    }
+
+
+# -------------------------------------------------------------------------------------------- many methods
+
+
+class MethodSpecError(ValueError):
+    """A ``NAME=DIR`` method specification that cannot be used; the message names it and the problem."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fusion method to score: its name in the tables and the folder of its fused images."""
+
+    name: str
+    folder: Path
+
+
+def parse_methods(specs: Iterable[str]) -> list[Method]:
+    """``NAME=DIR`` or a bare ``DIR`` (named after its folder) per method, in the order given.
+
+    A value that is an existing folder is taken whole (so a folder whose name holds ``=`` works bare); otherwise
+    it is split at the first ``=``. Raises :class:`MethodSpecError` for a missing folder, an empty name or two
+    methods of one name.
+    """
+    methods: list[Method] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            name = path.resolve().name or str(path)
+        elif "=" in spec:
+            name, folder = spec.split("=", 1)
+            name, path = name.strip(), Path(folder)
+            if not name:
+                raise MethodSpecError(f"{spec!r}: the name before '=' is empty; write NAME=DIR")
+            if not path.is_dir():
+                what = "no such folder" if not path.exists() else "not a folder"
+                raise MethodSpecError(f"{spec!r}: {folder}: {what}")
+        else:
+            what = "no such folder" if not path.exists() else "not a folder"
+            raise MethodSpecError(f"{spec}: {what} (give a folder of fused images, or NAME=DIR)")
+        if any(m.name == name for m in methods):
+            raise MethodSpecError(f"two methods are named {name!r}; name them apart with NAME=DIR")
+        methods.append(Method(name, path))
+    if not methods:
+        raise MethodSpecError("no method given")
+    return methods
+
+
+@dataclass
+class MethodScores:
+    """One method's scores: per-image rows (stem order), mean and spread over them, and what was not scored."""
+
+    method: Method
+    scores: Scores
+    std: dict[str, float]
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    def summary_row(self) -> SummaryRow:
+        return SummaryRow(self.name, self.scores.mean, self.std, count=len(self.scores.rows))
+
+
+Work = tuple[str, Pair]  # (method name, its pair)
+
+
+def score_methods(work: Iterable[Work], variant: str = "cddfuse", crop_sources: bool = False,
+                  wrap: Callable[[list[Work]], Iterable[Work]] = list
+                  ) -> tuple[dict[tuple[str, str], dict[str, float]], list[tuple[str, Skipped]]]:
+    """:func:`score_triple` of each (method, pair): rows keyed by (method, stem), and the pairs not scored."""
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    skipped: list[tuple[str, Skipped]] = []
+    for name, pair in wrap(list(work)):
+        try:
+            rows[(name, pair.stem)] = score_triple(pair.files, variant, crop_sources)
+        except (ImageReadError, ValueError) as exc:
+            skipped.append((name, Skipped(pair.stem, str(exc))))
+    return rows, skipped
+
+
+def collect_methods(methods: list[Method], pairings: Mapping[str, Pairing],
+                    rows: Mapping[tuple[str, str], dict[str, float]],
+                    not_scored: Iterable[tuple[str, Skipped]]) -> list[MethodScores]:
+    """Group :func:`score_methods`' results per method (rows in stem order) with the pairing's skips."""
+    not_scored = list(not_scored)
+    out = []
+    for m in methods:
+        pairing = pairings[m.name]
+        mine = {p.stem: rows[(m.name, p.stem)] for p in pairing.pairs if (m.name, p.stem) in rows}
+        skipped = sorted(skipped_of(pairing) + [s for n, s in not_scored if n == m.name], key=lambda s: s.image)
+        out.append(MethodScores(m, Scores(mine, mean_of(mine), skipped, not_fused=pairing.undriven), std_of(mine)))
+    return out
+
+
+def per_image_csv(results: Iterable[MethodScores]) -> str:
+    """Every scored image of every method, one row each (method, image, the 12 metrics), full precision; no
+    summary rows (those are :func:`ddfm_fast.tables.summary_csv`'s)."""
+    buf = _stringio.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "image", *METRIC_NAMES])
+    for res in results:
+        for stem, r in res.scores.rows.items():
+            w.writerow([res.name, stem, *(repr(float(r[k])) for k in METRIC_NAMES)])
+    return buf.getvalue()
+
+
+def methods_doc(results: list[MethodScores], mode: str, variant: str, a_dir: Path, b_dir: Path,
+                best: Mapping[str, list[str]]) -> dict[str, Any]:
+    """The JSON document of a many-method evaluation (strict JSON: non-finite numbers as strings)."""
+    from ddfm_fast.tables import LOWER_IS_BETTER
+
+    return {
+        "mode": mode,
+        "variant": variant,
+        "guide": GUIDE,
+        "folders": {"A": str(a_dir), "B": str(b_dir)},
+        "metrics": list(METRIC_NAMES),
+        "lower_is_better": sorted(LOWER_IS_BETTER),
+        "std": "population standard deviation over the images (ddof = 0)",
+        "methods": {
+            res.name: {
+                "folder": str(res.method.folder),
+                "count": len(res.scores.rows),
+                "mean": {k: jsonable(v) for k, v in res.scores.mean.items()},
+                "std": {k: jsonable(v) for k, v in res.std.items()},
+                "images": {n: {k: jsonable(v) for k, v in r.items()} for n, r in res.scores.rows.items()},
+                "skipped": [{"image": s.image, "reason": s.reason} for s in res.scores.skipped],
+                "not_fused": res.scores.not_fused,
+            }
+            for res in results
+        },
+        "best": dict(best),
     }
 
 
@@ -180,11 +329,6 @@ def compare_doc(dirs: tuple[Path, Path], rows: Rows, skipped: list[Skipped]) -> 
 
 
 # --------------------------------------------------------------------------------------------------- output
-
-
-def jsonable(x: float) -> float | str:
-    """Strict JSON has no NaN/Infinity: non-finite numbers are written as the strings "inf", "-inf", "nan"."""
-    return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
 
 
 def dump_json(doc: Any) -> str:

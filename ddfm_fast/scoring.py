@@ -5,7 +5,9 @@ A dataset folder holds ``ir/`` + ``vi/`` (infrared-visible fusion, IVF) or ``MRI
 folder names are the roles' (``ddfm_fast.pairing.ROLES``). :func:`score_dataset` fuses it with the folder runner
 of ``ddfm-fast fuse`` (:func:`ddfm_fast.runner.run_folder`: resumable, a bad pair is recorded and skipped) into
 ``OUT/fused/``, then scores every fused image as ``ddfm-fast eval`` does (:mod:`ddfm_fast.evaluation`), and
-returns the per-image rows, their mean, and the paper's row for that dataset (METRICS.md) with the difference.
+returns the per-image rows, their mean, and the paper's row for that dataset (docs/METRICS.md) with the
+difference, and says what was compared (:class:`Comparison`: pairs, sizes, steps, prior) against the paper's
+protocol, so that a few downscaled pairs at a few steps are never read as a reproduction of the paper's table.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ddfm_fast.config import PAPER_STEPS
 from ddfm_fast.evaluation import (
     Scores,
     Skipped,
@@ -29,6 +32,7 @@ from ddfm_fast.evaluation import (
     pair_for_eval,
     score_pairs,
     skipped_of,
+    std_of,
     write_text,
 )
 from ddfm_fast.metrics import METRIC_NAMES
@@ -37,11 +41,12 @@ from ddfm_fast.plan import ExecutionPlan
 from ddfm_fast.progress import BarFactory
 from ddfm_fast.runner import RunConfig, run_folder
 from ddfm_fast.summary import SUMMARY_NAME, RunSummary
+from ddfm_fast.tables import SummaryRow, summary_csv
 
 # The six metrics the DDFM paper reports, in its column order.
 PAPER_METRICS: tuple[str, ...] = ("EN", "SD", "MI", "VIF", "Qabf", "SSIM")
 
-# DDFM (ICCV 2023) reported numbers, exactly as METRICS.md (shared/docs) lists them ("The paper's reported numbers").
+# DDFM (ICCV 2023) reported numbers, exactly as docs/METRICS.md lists them ("The paper's reported numbers").
 PAPER_NUMBERS: dict[str, dict[str, float]] = {
     "MSRS": {"EN": 6.88, "SD": 40.75, "MI": 2.35, "VIF": 0.81, "Qabf": 0.58, "SSIM": 0.94},
     "M3FD": {"EN": 6.86, "SD": 38.95, "MI": 2.52, "VIF": 0.80, "Qabf": 0.49, "SSIM": 0.95},
@@ -67,7 +72,16 @@ PAPER_MODES: dict[str, str] = {"MSRS": "ivf", "M3FD": "ivf", "RoadScene": "ivf",
 
 FUSED_DIR = "fused"
 SCORES_CSV = "scores.csv"
+SCORES_SUMMARY_CSV = "scores_summary.csv"
 SCORES_JSON = "scores.json"
+
+# The protocol behind the paper's rows: its whole test set of each dataset at full resolution, the official
+# top-left crop to /32, 100 DDIM steps of guided-diffusion's 256x256 unconditional ADM (552.8 M parameters).
+PAPER_PRIOR = "adm256-uncond"
+PAPER_SIZE_POLICY = "crop"
+# Image sizes (W, H) of the datasets whose images all share one size (MSRS 640x480, M3FD 1024x768, the Harvard
+# atlas slices 256x256, as in shared/data); RoadScene and TNO images vary in size.
+FULL_SIZES: dict[str, tuple[int, int]] = {"MSRS": (640, 480), "M3FD": (1024, 768), "Harvard": (256, 256)}
 
 _IVF_A, _IVF_B = ROLES["ivf"].ir_folders, ROLES["ivf"].vis_folders  # infrared (A, the ir side), visible (B)
 _MIF_A, _MIF_B = ROLES["mif"].ir_folders, ROLES["mif"].vis_folders  # functional CT/PET/SPECT (A), MRI (B)
@@ -214,10 +228,132 @@ class ScoreResult:
     delta: Optional[dict[str, float]]  # mean - paper over the six
     skipped: list[Skipped] = field(default_factory=list)  # pairs not scored (fusion failed, unreadable, ...)
     variant: str = "cddfuse"
+    std: dict[str, float] = field(default_factory=dict)  # population std of the 12 metrics over ``rows``
+    comparison: Optional["Comparison"] = None  # what was compared, against the paper's protocol
 
     @property
     def count(self) -> int:
         return len(self.rows)
+
+    def summary_rows(self) -> list[SummaryRow]:
+        """mean ± std, and the paper's row and the delta when the paper reports the dataset (not ranked)."""
+        rows = [SummaryRow("mean", self.mean, self.std, count=self.count)] if self.rows else []
+        if rows and self.paper is not None and self.delta is not None:
+            rows += [SummaryRow(f"paper {self.layout.paper_key}", self.paper, ranked=False),
+                     SummaryRow("delta", self.delta, ranked=False)]
+        return rows
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What a score run compared, and how that differs from the protocol behind the paper's row.
+
+    ``differences`` is empty only for a run of the paper's protocol (its prior, 100 steps, the crop policy, images
+    of the dataset's full size where that is known); ``limited`` says that fewer pairs than the folder holds
+    were scored.
+    """
+
+    dataset: str
+    pairs: int
+    folder_pairs: int
+    sizes: tuple[str, ...]  # the scored images' sizes, "WxH", most frequent first
+    steps: int  # DDIM steps, or EM iterations when ``prior`` is "none"
+    prior: str
+    size_policy: str
+    paper_row: Optional[str]
+    differences: tuple[str, ...]
+
+    @property
+    def limited(self) -> bool:
+        return self.pairs < self.folder_pairs
+
+    def lines(self) -> list[str]:
+        """Two or three lines for the terminal: this run, the paper's protocol, and the differences."""
+        sizes = ", ".join(self.sizes[:4]) + (f" and {len(self.sizes) - 4} more sizes" if len(self.sizes) > 4 else "")
+        of = f" of the folder's {self.folder_pairs}" if self.limited else ""
+        steps = f"EM only, {self.steps} iterations" if self.prior == "none" else f"{self.steps} steps of {self.prior}"
+        out = [f"compared: {self.pairs} pair(s){of} of {self.dataset}, {sizes or 'no image'}, {steps}, "
+               f"size policy {self.size_policy}"]
+        if self.paper_row is not None:
+            full = FULL_SIZES.get(self.paper_row.split(",")[0].split(" (")[0])
+            at = f" ({full[0]}x{full[1]})" if full else ""
+            how = "EM only (no diffusion prior)" if self.prior_is_em_row else f"{PAPER_STEPS} steps of {PAPER_PRIOR}"
+            out.append(f"the paper's row: its whole {self.paper_row} test set at full resolution{at}, {how}, "
+                       f"size policy {PAPER_SIZE_POLICY}")
+            if self.differences:
+                out.append("not the paper's protocol: " + "; ".join(self.differences)
+                           + ": read the delta as a sanity check, not as a reproduction")
+        return out
+
+    @property
+    def prior_is_em_row(self) -> bool:
+        return bool(self.paper_row and "EM only" in self.paper_row)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "pairs": self.pairs, "folder_pairs": self.folder_pairs,
+                "sizes": list(self.sizes), "steps": self.steps, "prior": self.prior,
+                "size_policy": self.size_policy, "paper_row": self.paper_row,
+                "paper_protocol": {"steps": PAPER_STEPS, "prior": PAPER_PRIOR, "size_policy": PAPER_SIZE_POLICY,
+                                   "pairs": "the whole test set", "full_size": FULL_SIZES.get(self.dataset)},
+                "differences": list(self.differences)}
+
+
+def _image_sizes(paths: list[Path]) -> tuple[str, ...]:
+    """The "WxH" sizes of image files from their headers, most frequent first (unreadable files left out)."""
+    from collections import Counter
+
+    from PIL import Image
+
+    counts: Counter[str] = Counter()
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                counts[f"{im.width}x{im.height}"] += 1
+        except (OSError, ValueError):
+            continue
+    return tuple(size for size, _ in counts.most_common())
+
+
+def compare_with_paper(layout: DatasetLayout, run: RunConfig, pairs: int, folder_pairs: int,
+                       sizes: tuple[str, ...]) -> Comparison:
+    """How a score run (``run`` with its steps resolved) differs from the protocol of the paper's row."""
+    sampler = run.sampler
+    prior = "none" if sampler.prior == "none" else _prior_name(run.checkpoint)
+    steps = sampler.num_steps()  # DDIM steps, or EM iterations for prior "none"
+    paper_row = PAPER_LABELS.get(layout.paper_key) if layout.paper_key else None
+    diffs: list[str] = []
+    if paper_row is not None:
+        em_row = layout.paper_key == "RoadScene-EM-only"
+        if prior == "none" and not em_row:
+            diffs.append(f"EM only, no diffusion prior (the paper: {PAPER_PRIOR})")
+        elif prior != "none" and em_row:
+            diffs.append(f"prior {prior} (the paper's ablation I uses none: EM only)")
+        elif prior != "none" and prior != PAPER_PRIOR:
+            diffs.append(f"prior {prior} (the paper: {PAPER_PRIOR}, 552.8 M parameters)")
+        if prior != "none" and steps is not None and steps != PAPER_STEPS:
+            diffs.append(f"{steps} steps (the paper: {PAPER_STEPS})")
+        if pairs < folder_pairs:
+            diffs.append(f"a subset: {pairs} of the folder's {folder_pairs} pairs")
+        full = FULL_SIZES.get(layout.paper_key or "")
+        if full is not None:
+            small = [s for s in sizes if tuple(int(v) for v in s.split("x")) != full]
+            if small:
+                diffs.append(f"images {', '.join(small[:3])}, not the dataset's {full[0]}x{full[1]} "
+                             "(downscaled or cropped)")
+        if sampler.size_policy != PAPER_SIZE_POLICY:
+            diffs.append(f"size policy {sampler.size_policy} (the paper crops to /32)")
+    return Comparison(layout.name, pairs, folder_pairs, sizes, steps, prior, sampler.size_policy, paper_row,
+                      tuple(diffs))
+
+
+def _prior_name(checkpoint: Optional[str]) -> str:
+    """A checkpoint as a short name: a preset's name, a file's name; None is the shipped prior."""
+    from ddfm_fast.api import DEFAULT_PRIOR
+
+    if checkpoint is None:
+        return DEFAULT_PRIOR
+    path = Path(checkpoint).expanduser()
+    return path.name if path.is_file() else checkpoint
 
 
 def dataset_pairs(layout: DatasetLayout, limit: Optional[int] = None) -> Pairing:
@@ -288,21 +424,26 @@ def score_dataset(
     mean = mean_of(rows)
     paper = layout.paper
     delta = {k: mean[k] - paper[k] for k in PAPER_METRICS} if (paper and mean) else None
-    return ScoreResult(layout, fused_dir, summary, rows, mean, paper, delta, skipped)
+    scored = [p.files["fused"] for p in todo if p.stem in rows]
+    folder_pairs = len(pair_sources(layout.a_dir, layout.b_dir, layout.mode).pairs)
+    comparison = compare_with_paper(layout, run.for_model(model), len(rows), max(folder_pairs, len(rows)),
+                                    _image_sizes(scored))
+    return ScoreResult(layout, fused_dir, summary, rows, mean, paper, delta, skipped, std=std_of(rows),
+                       comparison=comparison)
 
 
 # --------------------------------------------------------------------------------------------------- outputs
 
 
 def scores_csv(result: ScoreResult) -> str:
-    """``ddfm-fast eval``'s CSV (one row per image, then "mean"), plus the rows "paper" and "delta" when the
-    paper reports the dataset (empty cells for the metrics it does not report)."""
-    text = eval_csv(result.rows, result.mean)
-    if result.paper is not None and result.delta is not None and result.rows:
-        for name, row in (("paper", result.paper), ("delta", result.delta)):
-            cells = [repr(float(row[k])) if k in row else "" for k in METRIC_NAMES]
-            text += ",".join([name, *cells]) + "\n"
-    return text
+    """``ddfm-fast eval``'s per-image CSV: one row per image, no summary rows (see :func:`scores_summary_csv`)."""
+    return eval_csv(result.rows)
+
+
+def scores_summary_csv(result: ScoreResult) -> str:
+    """The summary in full precision: "mean" (with the std columns and the count), then "paper <set>" and
+    "delta" when the paper reports the dataset (empty cells for the metrics it does not report)."""
+    return summary_csv(result.summary_rows(), METRIC_NAMES)
 
 
 def scores_json(result: ScoreResult) -> str:
@@ -319,17 +460,22 @@ def scores_json(result: ScoreResult) -> str:
         "paper_metrics": list(PAPER_METRICS),
         "paper": result.paper,
         "delta": None if result.delta is None else {k: jsonable(v) for k, v in result.delta.items()},
+        "compared": None if result.comparison is None else result.comparison.to_dict(),
+        "guide": "docs/METRICS.md",
         **doc,
+        "std": {k: jsonable(v) for k, v in result.std.items()},
         "fusion": {"summary": str(result.fused_dir / SUMMARY_NAME), "counts": s["counts"],
                    "timing": s["timing"], "settings": s["settings"], "plan": s["plan"], "failed": s["failed"]},
     }
     return dump_json(doc)
 
 
-def write_scores(result: ScoreResult, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``out_dir/scores.csv`` and ``out_dir/scores.json`` atomically; returns their paths."""
+def write_scores(result: ScoreResult, out_dir: str | Path) -> tuple[Path, Path, Path]:
+    """Write ``out_dir/scores.csv`` (per image), ``scores_summary.csv`` and ``scores.json`` atomically; returns
+    their paths."""
     out = Path(out_dir)
-    csv_path, json_path = out / SCORES_CSV, out / SCORES_JSON
+    csv_path, summary_path, json_path = out / SCORES_CSV, out / SCORES_SUMMARY_CSV, out / SCORES_JSON
     write_text(csv_path, scores_csv(result))
+    write_text(summary_path, scores_summary_csv(result))
     write_text(json_path, scores_json(result))
-    return csv_path, json_path
+    return csv_path, summary_path, json_path

@@ -57,13 +57,14 @@ def _run(args: list[str]):
 def test_eval_ivf(ivf_set: Path, tmp_path: Path):
     out = tmp_path / "res" / "results"
     r = _run(["eval", "--fused", str(ivf_set / "fused"), "--ir-dir", str(ivf_set / "ir"),
-              "--vis-dir", str(ivf_set / "vi"), "-o", str(out)])
+              "--vis-dir", str(ivf_set / "vi"), "-o", str(out), "--per-image"])
     assert r.exit_code == 0, r.output
-    for stem in ("a01", "a02", "a03", "mean"):
+    for stem in ("a01", "a02", "a03"):
         assert stem in r.stdout
     assert "orphan: no A (infrared) file orphan.*" in r.stderr and "no B (visible) file orphan.*" in r.stderr
     assert "big: size mismatch: fused 80x72, A 90x90, B 90x90" in r.stderr
     assert "not fused" in r.stderr and "unfused" in r.stderr
+    assert "docs/METRICS.md" in r.stderr
 
     expected = {}
     for stem in ("a01", "a02", "a03"):
@@ -71,20 +72,115 @@ def test_eval_ivf(ivf_set: Path, tmp_path: Path):
         expected[stem] = evaluate(read_gray_eval(ivf_set / "fused" / f"{stem}.png"),
                                   read_gray_eval(ivf_set / "ir" / f"{stem}.png"), read_gray_eval(vi))
     mean = {k: float(np.mean([e[k] for e in expected.values()])) for k in METRIC_NAMES}
+    std = {k: float(np.std([e[k] for e in expected.values()])) for k in METRIC_NAMES}
 
+    # The printed summary: one line for the one method (named after its folder), mean ± std with 2 decimals.
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("fused "))
+    assert line.split()[1] == "3" and f"{mean['EN']:.2f} ± {std['EN']:.2f}" in line
+    assert "*" not in line  # nothing to mark with one method
+
+    # Per-image CSV: images only, no summary row mixed in.
     with open(out.with_suffix(".csv"), newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert [row["image"] for row in rows] == ["a01", "a02", "a03", "mean"]
+    assert [(row["method"], row["image"]) for row in rows] == [("fused", "a01"), ("fused", "a02"), ("fused", "a03")]
     for row in rows:
-        want = mean if row["image"] == "mean" else expected[row["image"]]
-        assert {k: float(row[k]) for k in METRIC_NAMES} == want  # written with repr: exact
+        assert {k: float(row[k]) for k in METRIC_NAMES} == expected[row["image"]]  # written with repr: exact
+    # The summary CSV: mean and std per metric, full precision.
+    with open(out.with_name("results_summary.csv"), newline="") as fh:
+        (summary,) = list(csv.DictReader(fh))
+    assert summary["method"] == "fused" and summary["count"] == "3"
+    assert {k: float(summary[k]) for k in METRIC_NAMES} == mean
+    assert {k: float(summary[f"{k}_std"]) for k in METRIC_NAMES} == std
 
     doc = json.loads(out.with_suffix(".json").read_text())
-    assert doc["mode"] == "ivf" and doc["variant"] == "cddfuse" and doc["count"] == 3
-    assert doc["images"] == expected and doc["mean"] == pytest.approx(mean, rel=1e-12)
-    assert {s["image"] for s in doc["skipped"]} == {"orphan", "big"}
-    assert doc["not_fused"] == ["unfused"]
+    assert doc["mode"] == "ivf" and doc["variant"] == "cddfuse" and doc["guide"] == "docs/METRICS.md"
+    m = doc["methods"]["fused"]
+    assert m["count"] == 3 and m["images"] == expected and m["mean"] == pytest.approx(mean, rel=1e-12)
+    assert m["std"] == pytest.approx(std, rel=1e-12, abs=1e-12)
+    assert {s["image"] for s in m["skipped"]} == {"orphan", "big"}
+    assert m["not_fused"] == ["unfused"]
     assert not list(out.parent.glob(".*"))  # no temporary files left behind
+
+
+def _method_dirs(ivf_set: Path) -> dict[str, Path]:
+    """Two more 'methods' over the fixture's sources: the pixel-wise max and the infrared image itself."""
+    dirs = {"avg": ivf_set / "fused", "max": ivf_set / "max", "ir_only": ivf_set / "ir_only"}
+    for stem in ("a01", "a02", "a03"):
+        ir = np.asarray(Image.open(ivf_set / "ir" / f"{stem}.png"))
+        vi_path = ivf_set / "vi" / (f"{stem}.jpg" if stem == "a02" else f"{stem}.png")
+        vi = read_gray_eval(vi_path).astype(np.uint8)
+        _save(dirs["max"] / f"{stem}.png", np.maximum(ir, vi))
+        _save(dirs["ir_only"] / f"{stem}.png", ir)
+    return dirs
+
+
+def _bold_columns(markdown: str, method: str) -> list[str]:
+    """The metric columns in which ``method``'s markdown row is bold."""
+    lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = next([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:] if ln.startswith(f"| {method} "))
+    return [h for h, c in zip(head, row) if c.startswith("**")]
+
+
+def test_eval_many_methods_markdown_best_marked(ivf_set: Path, tmp_path: Path):
+    dirs = _method_dirs(ivf_set)
+    out = tmp_path / "cmp"
+    args = ["eval", "--fused", f"avg={dirs['avg']}", "--fused", f"max={dirs['max']}", "--fused", str(dirs["ir_only"]),
+            "--ir-dir", str(ivf_set / "ir"), "--vis-dir", str(ivf_set / "vi"), "--format", "markdown",
+            "--decimals", "3", "-o", str(out)]
+    r = _run(args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert list(doc["methods"]) == ["avg", "max", "ir_only"]  # a bare folder is named after it
+    means = {name: m["mean"] for name, m in doc["methods"].items()}
+    # The expected winners, from the JSON's full-precision means rounded as printed (3 decimals); MSE is an error,
+    # so the lowest wins there, the highest everywhere else. (PSNR stays finite: its MSE is taken against both A
+    # and B, which no method here matches at once.)
+    for name in means:
+        want = []
+        for k in METRIC_NAMES:
+            vals = {n: round(float(means[n][k]), 3) for n in means}
+            best = min(vals.values()) if k == "MSE" else max(vals.values())
+            if vals[name] == best:
+                want.append(k)
+        assert _bold_columns(r.stdout, name) == want, name
+    assert doc["best"]["MSE"] == [min(means, key=lambda n: means[n]["MSE"])]
+    assert "Bold: best per column (highest; MSE: lowest)" in r.stdout
+    # The markdown table is also written beside the CSVs, exactly as printed.
+    assert out.with_name("cmp_summary.md").read_text() == r.stdout
+    with open(out.with_suffix(".csv"), newline="") as fh:
+        per_image = list(csv.DictReader(fh))
+    assert [row["method"] for row in per_image] == ["avg"] * 3 + ["max"] * 3 + ["ir_only"] * 3
+    assert "mean" not in {row["image"] for row in per_image}
+
+    # LaTeX: booktabs, bold as \textbf, the spread as $\pm$, names escaped.
+    r = _run([*args[:-6], "--ir-dir", str(ivf_set / "ir"), "--vis-dir", str(ivf_set / "vi"), "--format", "latex",
+              "--metrics", "en,MSE", "--no-std"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == "\\begin{tabular}{lrrr}" and "method & n & EN & MSE \\\\" in lines
+    assert any(ln.startswith("ir\\_only & 3 & ") for ln in lines) and "$\\pm$" not in r.stdout
+    assert r.stdout.count("\\textbf{") == 2  # one winner per column: these three do not tie on EN or MSE
+
+    # JSON on stdout: full precision, the same means.
+    r = _run([*args[:-6], "--ir-dir", str(ivf_set / "ir"), "--vis-dir", str(ivf_set / "vi"), "--format", "json"])
+    table = json.loads(r.stdout)
+    assert [row["method"] for row in table["rows"]] == ["avg", "max", "ir_only"]
+    assert table["rows"][1]["mean"] == doc["methods"]["max"]["mean"]
+
+
+def test_eval_fused_spec_errors(ivf_set: Path, tmp_path: Path):
+    src = ["--ir-dir", str(ivf_set / "ir"), "--vis-dir", str(ivf_set / "vi")]
+    cases = [
+        (["--fused", str(ivf_set / "fused"), "--fused", f"fused={ivf_set / 'ir'}"], "two methods are named 'fused'"),
+        (["--fused", f"=({ivf_set / 'fused'})"], "the name before '=' is empty"),
+        (["--fused", f"x={tmp_path / 'nope'}"], "no such folder"),
+        (["--fused", str(tmp_path / "nope")], "no such folder"),
+        (["--fused", str(ivf_set / "fused"), "--metrics", "EN,FOO"], "unknown metric(s) FOO"),
+    ]
+    for extra, message in cases:
+        r = CliRunner().invoke(main, ["eval", *extra, *src])
+        assert r.exit_code == 2 and message in " ".join(r.output.split()), (extra, r.output)
 
 
 def test_eval_out_suffix_and_crop(ivf_set: Path, tmp_path: Path):
@@ -92,8 +188,8 @@ def test_eval_out_suffix_and_crop(ivf_set: Path, tmp_path: Path):
     r = _run(["eval", "--fused", str(ivf_set / "fused"), "--ir-dir", str(ivf_set / "ir"),
               "--vis-dir", str(ivf_set / "vi"), "--crop-sources", "-o", str(tmp_path / "x.csv")])
     assert r.exit_code == 0, r.output
-    doc = json.loads((tmp_path / "x.json").read_text())
-    assert (tmp_path / "x.csv").exists() and "big" in doc["images"]
+    doc = json.loads((tmp_path / "x.json").read_text())["methods"]["fused"]
+    assert (tmp_path / "x.csv").exists() and (tmp_path / "x_summary.csv").exists() and "big" in doc["images"]
     f = read_gray_eval(ivf_set / "fused" / "big.png")
     a = read_gray_eval(ivf_set / "ir" / "big.png")[:72, :80]
     b = read_gray_eval(ivf_set / "vi" / "big.png")[:72, :80]
@@ -110,9 +206,9 @@ def test_eval_mif_and_variant(tmp_path: Path):
               "--mri-dir", str(tmp_path / "MRI"), "--variant", "tang_matlab", "-o", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "m.json").read_text())
-    assert doc["mode"] == "mif" and doc["variant"] == "tang_matlab" and doc["count"] == 2
+    assert doc["mode"] == "mif" and doc["variant"] == "tang_matlab" and doc["methods"]["fused"]["count"] == 2
     f, a, b = (read_gray_eval(tmp_path / d / "11.png") for d in ("fused", "PET", "MRI"))
-    assert doc["images"]["11"] == evaluate(f, a, b, variant="tang_matlab")
+    assert doc["methods"]["fused"]["images"]["11"] == evaluate(f, a, b, variant="tang_matlab")
 
 
 def test_eval_usage_errors(ivf_set: Path):
@@ -124,7 +220,9 @@ def test_eval_usage_errors(ivf_set: Path):
     r = CliRunner().invoke(main, ["eval", "--fused", d, "--ir-dir", d])
     assert r.exit_code == 2 and "--vis-dir" in r.output
     r = CliRunner().invoke(main, ["eval", "--help"])
-    assert r.exit_code == 0 and "results.csv and results.json" in " ".join(r.output.split())  # unwrap
+    text = " ".join(r.output.split())  # unwrap
+    assert r.exit_code == 0 and "results.csv, results_summary.csv and results.json" in text
+    assert "docs/METRICS.md" in text
 
 
 def test_eval_nothing_scored_exits_nonzero(tmp_path: Path):
@@ -138,7 +236,7 @@ def test_eval_nothing_scored_exits_nonzero(tmp_path: Path):
               "--vis-dir", str(tmp_path / "vi"), "-o", str(tmp_path / "r")])
     assert r.exit_code == 1
     assert "x: size mismatch" in r.stderr and "y:" in r.stderr and "y.png" in r.stderr
-    doc = json.loads((tmp_path / "r.json").read_text())
+    doc = json.loads((tmp_path / "r.json").read_text())["methods"]["fused"]
     assert doc["count"] == 0 and len(doc["skipped"]) == 2
 
 

@@ -92,17 +92,33 @@ def test_scores_equal_evaluate_on_the_fused_images(msrs_run) -> None:
     assert doc["paper"] == PAPER_NUMBERS["MSRS"] and doc["paper_metrics"] == list(PAPER_METRICS)
     assert doc["delta"] == pytest.approx({k: mean[k] - PAPER_NUMBERS["MSRS"][k] for k in PAPER_METRICS})
     assert doc["fusion"]["counts"]["done"] == 2 and doc["fusion"]["settings"]["num_steps"] == 2
-    # The printed table: per image (-v), the mean, the paper's row, the delta, over the paper's six metrics.
+    # The printed tables: per image (-v), then mean ± std, the paper's row and the delta, over the paper's six.
     lines = res.stdout.splitlines()
     assert lines[0].split() == ["image", *PAPER_METRICS]
-    names = [line.split()[0] for line in lines[1:5]]
-    assert names == [*MSRS_STEMS, "mean", "paper"] and lines[5].startswith("delta")
-    assert lines[4].split()[1:] == ["MSRS", *(f"{PAPER_NUMBERS['MSRS'][k]:.4f}" for k in PAPER_METRICS)]
-    # scores.csv: eval's rows (per image, mean) and the paper's row and the delta.
+    assert [line.split()[0] for line in lines[1:3]] == list(MSRS_STEMS)
+    assert lines[3].split() == ["method", "n", *PAPER_METRICS]
+    std = {k: float(np.std([want[s][k] for s in MSRS_STEMS])) for k in METRIC_NAMES}
+    assert lines[4].split()[:5] == ["mean", "2", f"{mean['EN']:.2f}", "±", f"{std['EN']:.2f}"]
+    assert lines[5].split() == ["paper", "MSRS", *(f"{PAPER_NUMBERS['MSRS'][k]:.2f}" for k in PAPER_METRICS)]
+    assert lines[6].startswith("delta")
+    # What was compared, and why it is not the paper's protocol (2 steps of a tiny random UNet on 96x96 crops).
+    text = " ".join(res.stdout.split())
+    assert "compared: 2 pair(s) of MSRS, 96x96, 2 steps of tiny_unet.pt, size policy pad" in text
+    assert "the paper's row: its whole MSRS test set at full resolution (640x480), 100 steps of adm256-uncond" in text
+    for diff in ("prior tiny_unet.pt (the paper: adm256-uncond", "2 steps (the paper: 100)",
+                 "images 96x96, not the dataset's 640x480 (downscaled or cropped)", "size policy pad"):
+        assert diff in text, diff
+    assert "sanity check, not as a reproduction" in text
+    assert doc["compared"]["pairs"] == 2 and doc["compared"]["sizes"] == ["96x96"] and doc["compared"]["steps"] == 2
+    assert doc["guide"] == "docs/METRICS.md" and "docs/METRICS.md" in res.stderr
+    # scores.csv: one row per image, nothing else; scores_summary.csv: mean (with std), the paper's row, the delta.
     csv_lines = (out / "scores.csv").read_text().splitlines()
     assert csv_lines[0] == ",".join(["image", *METRIC_NAMES])
-    assert [line.split(",")[0] for line in csv_lines[1:]] == [*MSRS_STEMS, "mean", "paper", "delta"]
-    assert float(csv_lines[3].split(",")[1]) == pytest.approx(mean["EN"], rel=1e-12)
+    assert [line.split(",")[0] for line in csv_lines[1:]] == list(MSRS_STEMS)
+    summary = (out / "scores_summary.csv").read_text().splitlines()
+    assert summary[0].split(",")[:4] == ["method", "count", "EN", "EN_std"]
+    assert [line.split(",")[0] for line in summary[1:]] == ["mean", "paper MSRS", "delta"]
+    assert float(summary[1].split(",")[2]) == pytest.approx(mean["EN"], rel=1e-12)
 
 
 def test_resume_and_limit(msrs_run, model_args) -> None:
@@ -116,13 +132,13 @@ def test_resume_and_limit(msrs_run, model_args) -> None:
     doc = json.loads((out / "scores.json").read_text())
     assert doc["count"] == 1 and list(doc["images"]) == [MSRS_STEMS[0]]  # only the limited pairs are scored
     assert "00055D" not in res.stdout
+    assert "a subset: 1 of the folder's 2 pairs" in " ".join(res.stdout.split())
 
 
-def test_paper_numbers_are_metrics_md(reference_dir: Path) -> None:
-    metrics_md = reference_dir.parent / "docs" / "METRICS.md"
-    if not metrics_md.exists():
-        pytest.skip(f"{metrics_md} is absent")
-    text = metrics_md.read_text().split("## The paper's reported numbers", 1)[1]
+def test_paper_numbers_are_metrics_md() -> None:
+    # The repository's metrics guide lists the paper's table; score's numbers must be that table.
+    metrics_md = Path(__file__).resolve().parents[1] / "docs" / "METRICS.md"
+    text = metrics_md.read_text().split("## The paper's reported numbers", 1)[1].split("\n## ", 1)[0]
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
             if line.startswith("|")]
     assert rows[0] == ["set", *PAPER_METRICS]
