@@ -23,8 +23,9 @@ from ddfm_fast.runner import PairError, RunConfig, run_folder, run_single
 from ddfm_fast.summary import SUMMARY_NAME, versions
 
 # Exit codes of `fuse`: 0 all pairs fused (or skipped), 1 an error stopped the run (click's default),
-# 2 a usage error (click's default), 3 the run finished but some pairs failed (see the summary).
-EXIT_PAIRS_FAILED = 3
+# 2 a usage error (click's default), 3 the run finished but some pairs failed (see the summary),
+# 130 interrupted (128 + the signal). All of them live in cli_options.EXIT_CODES.
+EXIT_PAIRS_FAILED = opts.EXIT_PAIRS_FAILED
 
 _FUSE_HELP = """Fuse image pairs with DDFM.
 
@@ -95,7 +96,15 @@ thread count; resume works with any number of ranks.
 \b
 Exit codes: 0 success, 1 error, 2 usage error, 3 some pairs failed (under
 torchrun every rank exits 3 when a pair failed on any rank, and torchrun
-itself exits 1).
+itself exits 1), 130 Ctrl-C (SIGTERM 143): the outputs so far are kept and
+the summary counts them; rerun the same command to resume. Errors are one
+line; `ddfm-fast --debug fuse ...` shows the traceback.
+
+\b
+Output formats: one pair by the extension of -o: .png, .tif/.tiff (both
+16-bit with --raw), .jpg/.jpeg (lossy, quality 95), .bmp, .npy (the raw
+float luminance); folder runs by --format. --quiet prints only errors;
+--log-json prints one JSON object per pair and a final one on stdout.
 """
 
 _PATH = click.Path(path_type=Path)
@@ -168,11 +177,9 @@ def _check_single(job: Job, run: RunConfig) -> None:
             raise click.ClickException(f"{role} {path}: not a file")
     if job.out.is_dir():
         raise click.BadParameter(f"{job.out} is a folder; give the output file for one pair", param_hint="-o/--output")
-    if job.out.suffix.lower() != run.suffix:
-        what = "raw npy output" if run.output == "npy" else "PNG output"
-        raise click.BadParameter(f"{job.out}: the {what} file must end with {run.suffix}", param_hint="-o/--output")
     if _same_path(job.out, job.pair.ir) or _same_path(job.out, job.pair.vis):
         raise click.BadParameter(f"{job.out} is one of the inputs; it would be overwritten", param_hint="-o/--output")
+    opts.check_writable(job.out)  # before the model loads, not after the compute
 
 
 def _pair_folders(job: Job) -> Pairing:
@@ -189,6 +196,7 @@ def _pair_folders(job: Job) -> Pairing:
             f"no pairs: no file stem appears in both {job.ir_dir} and {job.vis_dir} "
             f"({len(pairing.unpaired)} unpaired images); files are paired by their name without extension"
         )
+    opts.check_writable(out, folder=True)  # before the model loads, not after the compute
     return pairing
 
 
@@ -224,6 +232,7 @@ OUTPUT_OPTIONS: list[opts.Spec] = [
     (("--save-progress",), dict(is_flag=True,
      help="Per-step images: the official x_<idx>.png (x_{t-1}), x0_<idx>.png (x0') and a GIF (one pair only).")),
     (("--progress-dir",), dict(type=_PATH, help="Folder for --save-progress images.")),
+    opts.FORMAT_OPTION,
 ]
 
 
@@ -245,15 +254,21 @@ OUTPUT_OPTIONS: list[opts.Spec] = [
 @opts.option_group("outputs", OUTPUT_OPTIONS)
 @opts.run_options
 @opts.accel_options
+@opts.log_options
 @click.pass_context
+@opts.friendly_errors
 def fuse_command(ctx: click.Context, ir: Optional[Path], vis: Optional[Path], out: Path, mode: Optional[str],
                  ir_dir: Optional[Path], vis_dir: Optional[Path], func_dir: Optional[Path], mri_dir: Optional[Path],
                  model: dict[str, Any], sampler: dict[str, Any], outputs: dict[str, Any], run: dict[str, Any],
                  accel: dict[str, Any]) -> None:
     job = _job(mode, ir, vis, dict(ir_dir=ir_dir, vis_dir=vis_dir, func_dir=func_dir, mri_dir=mri_dir), out)
     output, output_flag, resize = _output_kind(ctx, outputs)
+    if job.pair is not None and job.out.is_dir():
+        raise click.BadParameter(f"{job.out} is a folder; give the output file for one pair", param_hint="-o/--output")
+    output, file_format = opts.output_choice(job.out if job.pair is not None else None, output,
+                                             outputs["out_format"], raw_format_given=opts.explicit(ctx, "raw_format"))
     cfg = opts.build_run(ctx, sampler=sampler, accel=accel, model=model, run=run, mode=job.roles.mode,
-                         output=output, output_flag=output_flag, resize=resize)
+                         output=output, output_flag=output_flag, resize=resize, file_format=file_format)
     try:
         if job.pair is not None:
             _check_single(job, cfg)
@@ -275,18 +290,21 @@ def _fuse_one(job: Job, cfg: RunConfig, run: dict[str, Any], progress_dir: Optio
     opts.resolve_plan(cfg, device)
     model = opts.load_model(cfg, device)
     assert job.pair is not None
+    say = opts.reporter()
     try:
         done = run_single(model, job.pair, job.out, cfg, device=device, progress_dir=progress_dir,
                           step_bar=opts.bar_factory(run["progress_bar"]))
     except PairError as exc:
+        say.event({"event": "pair", "status": "failed", "stem": job.pair.stem, "reason": str(exc)})
         raise click.ClickException(str(exc)) from exc
     opts.report_fallbacks(done.plan)
     w, h = done.record["size"]
-    click.echo(f"wrote {job.out} ({w}x{h}, {done.record['seconds']:.2f} s)", err=True)
+    say.info(f"wrote {job.out} ({w}x{h}, {done.record['seconds']:.2f} s)")
     if "note" in done.record:
-        click.echo(f"note: {done.record['note']}", err=True)
+        say.info(f"note: {done.record['note']}")
     if "progress" in done.record:
-        click.echo(f"progress images: {done.record['progress']}", err=True)
+        say.info(f"progress images: {done.record['progress']}")
+    say.event({"event": "pair", "status": "done", **done.record})
 
 
 def _fuse_folders(job: Job, pairing: Pairing, cfg: RunConfig, run: dict[str, Any], progress_dir: Optional[Path],
@@ -294,23 +312,47 @@ def _fuse_folders(job: Job, pairing: Pairing, cfg: RunConfig, run: dict[str, Any
     """A folder run, in one process or as one torchrun rank; returns the exit code."""
     from ddfm_fast import distributed
 
+    from ddfm_fast.resume import FolderLock
+
     env = _dist_env()
     device = opts.resolve_device(run["device"]) if env is None else _dist_device(env, run["device"])
     plan = opts.resolve_plan(cfg, device)
-    model = opts.load_model(cfg, device)
     bar = opts.bar_factory(run["progress_bar"])
+    say = opts.reporter()
     args = dict(plan=plan, overwrite=run["overwrite"], extra_settings={**extra, "device": str(device)},
-                inputs=job.inputs, progress_dir=progress_dir)
-    if env is not None:
-        code, doc = distributed.fuse_folder(env, device, model, pairing, job.out, cfg,
-                                            failed_code=EXIT_PAIRS_FAILED, bar=bar, **args)
+                inputs=job.inputs, progress_dir=progress_dir, on_event=say.event, warn=say.warn)
+    if env is not None:  # rank 0 locks the folder before any rank loads the model
+        code, doc = distributed.fuse_folder(env, device, lambda: opts.load_model(cfg, device), pairing, job.out,
+                                            cfg, failed_code=EXIT_PAIRS_FAILED, bar=bar, **args)
         if doc is not None:
             _report_distributed(doc, job.out, env.world_size)
+            _report_end(doc, job.out, code)
         return code
-    summary = run_folder(model, pairing, job.out, cfg, device=device, bar=bar, step_bar=bar, **args)
+    with FolderLock(job.out) as lock:  # a second run into this folder stops here, before loading a model
+        model = opts.load_model(cfg, device)
+        summary = run_folder(model, pairing, job.out, cfg, device=device, bar=bar, step_bar=bar, lock=lock, **args)
     doc = summary.to_dict()
+    doc["write_error"] = summary.write_error
     _report(doc, job.out)
-    return EXIT_PAIRS_FAILED if summary.failed else 0
+    code = (opts.EXIT_ERROR if summary.stopped or summary.write_error
+            else EXIT_PAIRS_FAILED if summary.failed else opts.EXIT_OK)
+    _report_end(doc, job.out, code)
+    return code
+
+
+def _report_end(doc: dict[str, Any], out: Path, code: int) -> None:
+    """A folder run that stopped early or could not write its summary ends with that error, on one line; and
+    ``--log-json``'s final line."""
+    say = opts.reporter()
+    if doc.get("stopped"):
+        say.error(f"Error: the run stopped: {doc['stopped']}; {doc['counts']['outputs']} output(s) in {out} are "
+                  "kept; free space (or fix the folder) and rerun the same command to resume")
+    if doc.get("write_error"):
+        say.error(f"Error: {doc['write_error']}; the outputs are kept and their records stay in the folder's "
+                  "journal, so rerunning the same command resumes")
+    say.event({"event": "end", "exit_code": code, "counts": doc["counts"], "summary": str(out / SUMMARY_NAME),
+               **({"stopped": doc["stopped"]} if doc.get("stopped") else {}),
+               **({"error": doc["write_error"]} if doc.get("write_error") else {})})
 
 
 def totals_line(doc: dict[str, Any], out: Path, ranks: Optional[int] = None) -> str:
@@ -322,22 +364,23 @@ def totals_line(doc: dict[str, Any], out: Path, ranks: Optional[int] = None) -> 
 
 
 def _report(doc: dict[str, Any], out: Path, ranks: Optional[int] = None) -> None:
-    """The end of a folder run on stderr: totals, fallbacks, unpaired files, failures."""
-    click.echo(totals_line(doc, out, ranks), err=True)
+    """The end of a folder run on stderr: totals, fallbacks, unpaired files, failures (these even with --quiet)."""
+    say = opts.reporter()
+    say.info(totals_line(doc, out, ranks))
     for fallback in (doc["plan"] or {}).get("fallbacks", []):
-        click.echo(f"fell back: {fallback}", err=True)
+        say.info(f"fell back: {fallback}")
     for item in doc["unpaired"]:
-        click.echo(f"unpaired: {item['file']}: {item['reason']}", err=True)
+        say.info(f"unpaired: {item['file']}: {item['reason']}")
     for item in doc["failed"]:
         where = f" (rank {item['rank']})" if "rank" in item else ""
-        click.echo(f"failed{where}: {item['stem']}: {item['reason']}", err=True)
+        say.error(f"failed{where}: {item['stem']}: {item['reason']}")
 
 
 def _report_distributed(doc: dict[str, Any], out: Path, world_size: int) -> None:
     for rank in doc["distributed"]["ranks"]:
         r_rate = rank["images_per_s"]
-        click.echo(f"rank {rank['rank']} ({rank['host']}, {rank['device']}): {rank['done']} fused, "
-                   f"{rank['failed']} failed" + (f", {r_rate:.3g} images/s" if r_rate else ""), err=True)
+        opts.reporter().info(f"rank {rank['rank']} ({rank['host']}, {rank['device']}): {rank['done']} fused, "
+                             f"{rank['failed']} failed" + (f", {r_rate:.3g} images/s" if r_rate else ""))
     _report(doc, out, ranks=world_size)
 
 

@@ -9,18 +9,29 @@ flags that contradict it, ``--fast`` is ``AccelConfig.fast()`` (the execution pl
 :class:`~ddfm_fast.config.ConfigError` becomes a usage error that names the flag. The helpers below it resolve
 the device and the execution plan once per run, load the model, and make the progress bars.
 
+What a command says, and how it fails: :class:`Reporter` (``--quiet``: nothing but errors on stderr;
+``--log-json``: one JSON object a line on stdout, per pair and at the end) is set by :data:`log_options` and read
+by every helper here; :func:`check_writable` checks an output path before a model is loaded, and
+:func:`one_line_errors` turns the errors a command cannot foresee (a file system that fails mid-run) into one
+line naming the file. The exit codes are :data:`EXIT_CODES`. Nothing here imports torch at import time, so
+``--help`` stays fast.
+
 Adding a sampler option: one field in ``SamplerConfig`` and one entry in :data:`SAMPLER_OPTIONS`
 (``tests/test_cli_options.py`` fails until both exist).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import re
 import sys
 import warnings
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 import click
 from click.core import ParameterSource
@@ -42,11 +53,21 @@ from ddfm_fast.config import (
 from ddfm_fast.runner import RunConfig
 
 Spec = tuple[tuple[str, ...], dict[str, Any]]  # click.option's (param_decls, attrs)
-_SAMPLER_DEFAULTS = SamplerConfig()
+# The fields' declared defaults (building a SamplerConfig here would import torch through its validation).
+_SAMPLER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
+
+# Exit codes of every command (README, "What happens when things go wrong"): click's own 1 and 2, and ours.
+EXIT_OK = 0  # done (a folder run: every pair fused or verified and kept)
+EXIT_ERROR = 1  # an error stopped the command (one line on stderr; the traceback with --debug)
+EXIT_USAGE = 2  # a bad option or argument, before anything was computed
+EXIT_PAIRS_FAILED = 3  # a folder run finished, but some pairs failed (listed on stderr and in the summary)
+EXIT_INTERRUPTED = 130  # Ctrl-C; SIGTERM gives 143 and SIGHUP 129 (128 + the signal's number)
+EXIT_CODES = {EXIT_OK: "success", EXIT_ERROR: "error", EXIT_USAGE: "usage error",
+              EXIT_PAIRS_FAILED: "some pairs failed", EXIT_INTERRUPTED: "interrupted (128 + signal)"}
 
 
 def _default(name: str) -> Any:
-    return getattr(_SAMPLER_DEFAULTS, name)
+    return _SAMPLER_DEFAULTS[name]
 
 
 SAMPLER_OPTIONS: dict[str, Spec] = {
@@ -197,14 +218,18 @@ def _as_flag(name: str, value: Any) -> str:
 
 
 def paper_conflicts(given: dict[str, Any], *, output: str, output_flag: Optional[str], resize: Optional[str],
-                    batch_size: int) -> list[str]:
+                    batch_size: int, file_format: Optional[str] = None) -> list[str]:
     """The flags that contradict ``--paper`` (explicit values equal to the protocol's are fine; ``--steps`` and
-    ``--checkpoint`` may change the model and its steps)."""
+    ``--checkpoint`` may change the model and its steps). Lossless formats (PNG, TIFF, BMP) hold the paper's
+    pixels; JPEG does not."""
     paper = SamplerConfig.paper()
     conflicts = [f"{_as_flag(k, v)} (the paper uses {getattr(paper, k)})"
                  for k, v in given.items() if k != "steps" and v != getattr(paper, k)]
     if output != "gray":
-        conflicts.append(f"{output_flag or '--' + output} (the paper writes the min-max stretched 8-bit gray output)")
+        flag_ = output_flag or ("an .npy output" if output == "npy" else "--" + output)
+        conflicts.append(f"{flag_} (the paper writes the min-max stretched 8-bit gray output)")
+    if file_format == "jpeg":
+        conflicts.append("a JPEG output (lossy; the paper writes PNG)")
     if resize is not None:
         conflicts.append("--resize-to-* (the paper fuses registered pairs of equal size)")
     if batch_size != 1:
@@ -223,14 +248,17 @@ def accel_config(accel: dict[str, Any]) -> AccelConfig:
 
 def build_run(ctx: click.Context, *, sampler: dict[str, Any], accel: dict[str, Any], model: dict[str, Any],
               run: dict[str, Any], mode: str, output: str = "gray", output_flag: Optional[str] = None,
-              resize: Optional[str] = None) -> RunConfig:
-    """The run the flags describe (``fuse`` and ``score``); bad or contradicting flags are a usage error."""
+              resize: Optional[str] = None, file_format: Optional[str] = None) -> RunConfig:
+    """The run the flags describe (``fuse`` and ``score``); bad or contradicting flags are a usage error.
+
+    ``file_format`` is the outputs' format (:data:`ddfm_fast.outputs.FORMATS`; None: PNG, or ``.npy`` for raw
+    npy output), from ``-o``'s extension or ``--format`` (:func:`output_format`)."""
     given = {k: v for k, v in sampler.items() if explicit(ctx, k)}
     checkpoint = model["checkpoint"]
     try:
         if model["paper"]:
             conflicts = paper_conflicts(given, output=output, output_flag=output_flag, resize=resize,
-                                        batch_size=run["batch_size"])
+                                        batch_size=run["batch_size"], file_format=file_format)
             if conflicts:
                 raise click.UsageError("--paper sets the official protocol and cannot be combined with: "
                                        + "; ".join(conflicts))
@@ -240,9 +268,15 @@ def build_run(ctx: click.Context, *, sampler: dict[str, Any], accel: dict[str, A
             checkpoint = checkpoint or DEFAULT_PRESET
         else:
             sampler_cfg = SamplerConfig(**sampler)
+        if sampler_cfg.steps is not None and sampler_cfg.prior != "none":
+            try:  # the respacing must divide the schedule the model was trained with, not only 1000 steps
+                sampler_cfg.num_steps()
+            except ValueError as exc:
+                raise click.UsageError(f"--steps {sampler_cfg.steps!r} with --train-timesteps "
+                                       f"{sampler_cfg.train_timesteps}: {exc}") from exc
         return RunConfig(sampler=sampler_cfg, accel=accel_config(accel), mode=mode, output=output,
                          resize=resize, checkpoint=checkpoint, model_config=model["model_config"],
-                         batch_size=run["batch_size"])
+                         batch_size=run["batch_size"], file_format=file_format)
     except ConfigError as exc:
         raise usage_error(exc) from exc
 
@@ -300,21 +334,25 @@ def resolve_plan(run: RunConfig, device: Any) -> Any:
     """
     from ddfm_fast.plan import BackendError, plan
 
+    say = reporter()
     if run.sampler.prior == "none":
-        click.echo("plan: EM only (--prior none): no UNet step, so the accelerations do not apply", err=True)
+        say.info("plan: EM only (--prior none): no UNet step, so the accelerations do not apply")
         return None
     try:
         chosen = plan(device, run.accel)
     except BackendError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"plan: {chosen.describe()}", err=True)
+    say.info(f"plan: {chosen.describe()}")
+    for warning in chosen.warnings:  # an acceleration asked for that is slower here: said on its own line
+        say.warn(f"{warning}; the run goes on as asked (drop the flag, or see `ddfm-fast info`, for the faster "
+                 "default)")
     return chosen
 
 
 def report_fallbacks(plan: Any) -> None:
     """Say, at the end of a run, which fast paths the run gave up (the plan that ran records them)."""
     for fallback in [] if plan is None else plan.fallbacks:
-        click.echo(f"fell back: {fallback}", err=True)
+        reporter().info(f"fell back: {fallback}")
 
 
 def load_model(run: RunConfig, device: Any) -> Any:
@@ -333,15 +371,198 @@ def load_model(run: RunConfig, device: Any) -> Any:
         raise click.ClickException(str(exc)) from exc
     for w in caught:  # the notice about the shipped prior as one line; any other warning passed on as it was
         if issubclass(w.category, DefaultPriorNotice):
-            click.echo(str(w.message), err=True)
+            reporter().info(str(w.message))
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return model
 
 
 def bar_factory(enabled: Optional[bool]) -> Any:
-    """A tqdm factory on stderr; ``None`` shows the bars only when stderr is a terminal."""
+    """A tqdm factory on stderr; ``None`` shows the bars only when stderr is a terminal; never with --quiet."""
     from tqdm.auto import tqdm
 
+    if reporter().quiet:
+        enabled = False
     return functools.partial(tqdm, file=sys.stderr, dynamic_ncols=True,
                              disable=None if enabled is None else not enabled)
+
+
+# --------------------------------------------------------------------------------------------------- reporting
+
+
+@dataclass
+class Reporter:
+    """What a command prints besides its errors: nothing with ``quiet``; with ``json_lines`` one JSON object a
+    line on stdout (``{"event": "pair", ...}`` per pair, ``{"event": "end", ...}`` once, last)."""
+
+    quiet: bool = False
+    json_lines: bool = False
+    ended: bool = False
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(text, err=True)
+
+    def warn(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(f"warning: {text}", err=True)
+
+    def error(self, text: str) -> None:
+        click.echo(text, err=True)
+
+    def event(self, obj: dict[str, Any]) -> None:
+        """One JSON line on stdout (``--log-json``); ``{"event": "end"}`` only once."""
+        if not self.json_lines or self.ended:
+            return
+        if obj.get("event") == "end":
+            self.ended = True
+        click.echo(json.dumps(obj, ensure_ascii=True, default=str))
+        sys.stdout.flush()
+
+
+_REPORTER_KEY = "ddfm_fast.reporter"
+
+
+def reporter(ctx: Optional[click.Context] = None) -> Reporter:
+    """The running command's :class:`Reporter` (a default one outside a command)."""
+    ctx = ctx or click.get_current_context(silent=True)
+    if ctx is None:
+        return Reporter()
+    return ctx.meta.setdefault(_REPORTER_KEY, Reporter())  # meta is shared by a context and its parents
+
+
+def _set_quiet(ctx: click.Context, _param: Any, value: bool) -> None:
+    if value:
+        reporter(ctx).quiet = True
+        ctx.with_resource(warnings.catch_warnings())  # the filters are restored when the command ends
+        warnings.simplefilter("ignore")  # run-time fallbacks are still in the summary and the JSON end line
+
+
+def _set_json(ctx: click.Context, _param: Any, value: bool) -> None:
+    if value:
+        reporter(ctx).json_lines = True
+
+
+LOG_OPTIONS: list[Spec] = [
+    (("-q", "--quiet"), dict(is_flag=True, expose_value=False, is_eager=True, callback=_set_quiet,
+     help="Print nothing but errors (no plan, progress, notices or totals); the exit code tells the rest.")),
+    (("--log-json",), dict(is_flag=True, expose_value=False, is_eager=True, callback=_set_json,
+     help="One JSON object per line on stdout: one per pair ({\"event\": \"pair\", \"status\": "
+          "\"done\"|\"skipped\"|\"failed\", ...}) and a final {\"event\": \"end\", \"exit_code\": ...}; "
+          "for pipelines.")),
+]
+
+
+def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--quiet`` and ``--log-json`` to a command (they set the :class:`Reporter`; no argument is passed)."""
+    for decls, attrs in reversed(LOG_OPTIONS):
+        f = click.option(*decls, **attrs)(f)
+    return f
+
+
+# --------------------------------------------------------------------------------------------------- outputs and errors
+
+
+def output_format(path: Path, kind: str, param_hint: str = "-o/--output", *, check: bool = True) -> str:
+    """The output format ``path``'s extension asks for, checked against the output ``kind`` (unless not
+    ``check``); a usage error naming the file and the choices otherwise (``-o fused.gif``, ``--raw -o x.jpg``).
+    Commands with an output file (``eval -o``, ``compare -o``) can use it the same way."""
+    from ddfm_fast import outputs
+
+    try:
+        fmt = outputs.format_of(path)
+        if check:
+            outputs.check_format(kind, fmt)
+    except outputs.OutputFormatError as exc:
+        raise click.BadParameter(str(exc), param_hint=param_hint) from None
+    return fmt
+
+
+FORMAT_OPTION: Spec = (("--format", "out_format"), dict(
+    type=click.Choice(["png", "tif", "jpg", "bmp", "npy"]), default=None,
+    help="File format of a folder run's outputs (default png; npy: the raw float luminance). One pair: the "
+         "extension of -o chooses (.png, .tif/.tiff, .jpg/.jpeg, .bmp, .npy)."))
+_FORMAT_NAMES = {"png": "png", "tif": "tiff", "jpg": "jpeg", "bmp": "bmp", "npy": "npy"}
+
+
+def output_choice(single_out: Optional[Path], kind: str, folder_format: Optional[str], *,
+                  raw_format_given: bool) -> tuple[str, str]:
+    """``(output kind, file format)`` from the output flags and ``-o`` (one pair) or ``--format`` (folders).
+
+    The format comes from the extension: ``-o fused.jpg`` writes JPEG, ``-o fused.tif --raw`` a 16-bit TIFF,
+    ``-o fused.npy`` the raw float luminance (as ``--raw-format npy``). A kind the format cannot hold
+    (``--raw -o x.jpg``, ``--color -o x.npy``), an unknown extension, and an explicit ``--raw-format`` that
+    the extension contradicts are usage errors naming the file.
+    """
+    from ddfm_fast import outputs
+
+    if single_out is not None:
+        if folder_format is not None:
+            raise click.UsageError("--format is for folder runs; for one pair the extension of -o chooses the format "
+                                   "(.png, .tif, .jpg, .bmp or .npy)")
+        fmt, hint = output_format(single_out, "gray" if kind == "npy" else kind, check=False), "-o/--output"
+    else:
+        fmt, hint = (_FORMAT_NAMES[folder_format] if folder_format else ("npy" if kind == "npy" else "png")), "--format"
+    if fmt == "npy" and kind in ("gray", "png16") and not raw_format_given:
+        kind = "npy"  # the extension (or --format npy) asks for the raw float output
+    if kind == "npy" and fmt != "npy":
+        where = f"{single_out}" if single_out is not None else f"--format {folder_format}"
+        raise click.BadParameter(f"{where}: raw npy output (--raw-format npy) is written as .npy", param_hint=hint)
+    try:
+        outputs.check_format(kind, fmt)
+    except outputs.OutputFormatError as exc:
+        where = f"{single_out}: " if single_out is not None else ""
+        raise click.BadParameter(f"{where}{exc}", param_hint=hint) from None
+    return kind, fmt
+
+
+def check_writable(path: Path, what: str = "-o/--output", *, folder: bool = False) -> None:
+    """Fail now, before a model is loaded, when an output cannot be written at ``path``: it lies under a regular
+    file, in a read-only or unwritable folder, or is a folder where a file is meant (or the reverse). One line
+    naming the option and the path; missing folders are fine (they are created)."""
+    from ddfm_fast import outputs
+
+    problem = outputs.output_problem(path, folder=folder)
+    if problem:
+        raise click.ClickException(f"{what}: cannot write there: {problem}")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: an ``OSError`` as ``FILE: what went wrong``, anything else with its type."""
+    from ddfm_fast import io
+
+    if isinstance(exc, OSError):
+        names = [io.display_name(n) for n in (exc.filename, exc.filename2) if n is not None]
+        text = exc.strerror or str(exc) or type(exc).__name__
+        return f"{' -> '.join(names)}: {text}" if names else text
+    if isinstance(exc, MemoryError):
+        return "out of memory (MemoryError); try a smaller --batch-size or smaller images"
+    text = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Inside it, a file-system error (a write that fails mid-run: disk full, folder gone, read-only) or a
+    library's ``InputError`` / ``PairError`` ends the command with one line naming the file (exit 1), not a
+    traceback. Use as ``with opts.one_line_errors():`` or the :func:`friendly_errors` decorator."""
+    from ddfm_fast.pairing import InputError
+    from ddfm_fast.runner import PairError
+
+    try:
+        yield
+    except (InputError, PairError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(one_line(exc)) from exc
+
+
+def friendly_errors(f: Callable[..., Any]) -> Callable[..., Any]:
+    """A command decorator: :func:`one_line_errors` around the whole command."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with one_line_errors():
+            return f(*args, **kwargs)
+
+    return wrapper

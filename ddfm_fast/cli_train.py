@@ -1,6 +1,6 @@
 """``ddfm-fast train-prior``: train a small unconditional diffusion prior (see :mod:`ddfm_fast.train`).
 
-The lead registers :func:`train_prior_command` in ``cli.py`` (``main.add_command(train_prior_command)``).
+``cli.py`` lists it; the training code (and torch) is imported when the command runs, so ``--help`` is fast.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from typing import Any, Optional
 
 import click
 
-from ddfm_fast.train import SMALL_PRIOR_ARGS, TrainSettings, command_line, train_prior
 
 
 def _model_args(path: Optional[str]) -> dict[str, Any]:
+    from ddfm_fast.train import SMALL_PRIOR_ARGS
+
     if path is None:
         return dict(SMALL_PRIOR_ARGS)
     try:
@@ -71,6 +72,11 @@ def train_prior_command(data, out, steps, batch_size, crop, lr, warmup, ema_deca
     """Train an unconditional epsilon-prediction DDPM prior on random crops of the images in --data."""
     import torch
 
+    from ddfm_fast.cli_options import check_writable
+    from ddfm_fast.train import TrainSettings, command_line, train_prior
+
+    check_writable(Path(out), "--out")  # before hours of training, not after
+
     settings = TrainSettings(
         data=[str(d) for d in data], out=str(out), steps=steps, batch_size=batch_size, crop=crop, lr=lr,
         warmup=warmup, ema_decay=ema_decay, seed=seed, gray=gray, vflip=vflip, checkpoint_every=checkpoint_every,
@@ -85,6 +91,10 @@ def train_prior_command(data, out, steps, batch_size, crop, lr, warmup, ema_deca
         # ValueError covers unreadable data (TrainingDataError), bad settings, damaged resume states and model
         # configs (UNetConfig raises ValueError naming the field); each is one line, no traceback.
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # the output or its resume state cannot be written (disk full, read-only folder)
+        from ddfm_fast.cli_options import one_line
+
+        raise click.ClickException(f"--out {out}: {one_line(exc)}") from exc
 
 
 if __name__ == "__main__":  # python -m ddfm_fast.cli_train ... (before cli.py registers the command)

@@ -7,17 +7,26 @@ torchrun (``WORLD_SIZE`` unset or 1) nothing here runs and the commands behave e
 
 The protocol of a distributed folder run (``ddfm-fast fuse``):
 
-1. every rank lists the folders and the outputs already on disk; rank 0's list of *pending* pairs (outputs
-   missing, or all with ``--overwrite``) is the one that counts and is broadcast before any rank writes, so
+1. rank 0 takes the output folder's lock (:class:`ddfm_fast.resume.FolderLock`) before any rank loads the
+   model, and tells every rank whether it got it (a second run into the folder ends on every rank with one
+   line naming the other run's pid);
+2. rank 0 removes stale temporary files and decides what is pending (:func:`ddfm_fast.runner.plan_resume`:
+   only verified outputs count as done); its decision, or its error, is broadcast before any rank writes, so
    all ranks shard the same list, however many ranks an earlier, killed run had (resume);
-2. :func:`lpt_shards` splits it: greedy longest-processing-time over the model's pixel count (H*W after
-   padding / cropping to /32), largest first, ties by stem, each to the least-loaded rank (ties: lowest rank);
-3. each rank fuses its shard with :func:`ddfm_fast.runner.run_folder` (:func:`fuse_folder`); a bad pair is recorded, never raised,
-   so no rank leaves early (torchrun tears the whole group down when one worker exits);
-4. :meth:`Context.gather` brings every rank's :class:`~ddfm_fast.summary.RunSummary` to rank 0 over a gloo
+3. :func:`lpt_shards` splits it: greedy longest-processing-time over the model's pixel count (H*W after
+   padding / cropping to /32, from the headers), largest first, ties by stem, each to the least-loaded rank
+   (ties: lowest rank);
+4. each rank fuses its shard with :func:`ddfm_fast.runner.run_folder` (:func:`fuse_folder`), journaling each
+   output's record before the output takes its name; a bad pair is recorded, never raised, so no rank leaves
+   early (torchrun tears the whole group down when one worker exits);
+5. :meth:`Context.gather` brings every rank's :class:`~ddfm_fast.summary.RunSummary` to rank 0 over a gloo
    group with a long timeout (ranks that finish early wait there for the slowest), rank 0 merges them
-   (:func:`merge_summaries`) and writes the summary atomically, rank 0 broadcasts the exit code, all ranks
-   meet at a barrier and exit together: 0, or 3 on every rank when any pair failed on any rank.
+   (:func:`merge_summaries`) and writes the summary atomically (a failure is reported, not raised), rank 0
+   broadcasts the exit code, all ranks meet at a barrier and exit together: 0, 3 on every rank when any pair
+   failed on any rank, 1 when a rank had to stop (a full disk) or the summary could not be written.
+
+Ctrl-C reaches every rank: each stops, and rank 0 writes a summary from what it knows plus every rank's journal
+(the outputs done so far on all ranks) without waiting for the others.
 
 Outputs do not depend on the rank or the world size: the initial noise comes from a CPU generator seeded per
 image and the EM state is per image (``tau_reduce="image"``). On CPU, batched convolutions are not bitwise
@@ -160,15 +169,12 @@ def lpt_shards(keys: Sequence[str], costs: Sequence[int], world_size: int) -> li
 
 def image_pixels(path: Path, size_policy: str = "pad", multiple: int = io.SIZE_MULTIPLE) -> int:
     """The model's pixel count for an image, from its header only: H*W of :func:`ddfm_fast.io.model_size` (padded
-    up or cropped down to ``multiple``). An unreadable or too small file costs 0 (it fails fast and is reported by
-    its rank)."""
-    from PIL import Image
-
+    up or cropped down to ``multiple``). An unreadable, too small or over-the-cap file costs 0 (it fails fast and
+    is reported by its rank)."""
     try:
-        with Image.open(path) as img:
-            w, h = img.size  # EXIF rotation swaps W and H, which leaves the area unchanged
+        w, h = io.image_size(path)  # EXIF rotation swaps W and H, which leaves the area unchanged
         (mh, mw), _ = io.model_size((h, w), size_policy, multiple)  # type: ignore[arg-type]
-    except (OSError, ValueError, SyntaxError):  # PIL reports broken headers with these; model_size small crops
+    except Exception:  # noqa: BLE001 - a cost estimate must never fail rank 0 in the middle of a collective
         return 0
     return mh * mw
 
@@ -286,6 +292,28 @@ def plan_shards(ctx: Context, pending: list[T], keys: Callable[[T], str], cost: 
     return shards[ctx.rank]
 
 
+class RankCoordinator:
+    """:class:`ddfm_fast.runner.Coordinator` of one torchrun rank: rank 0's resume decision (or its error) on every
+    rank, then this rank's LPT share of it."""
+
+    def __init__(self, ctx: Context, cost: Callable[[Any], int]) -> None:
+        self.ctx, self.cost = ctx, cost
+        self.rank, self.world_size, self.is_main = ctx.rank, ctx.world_size, ctx.is_main
+
+    def agree(self, error: Optional[BaseException], todo: Optional[list[Any]]) -> list[Any]:
+        from ddfm_fast.pairing import InputError
+
+        message, todo = self.ctx.broadcast((None if error is None else str(error), todo) if self.is_main else None)
+        if message is not None:
+            if error is not None:
+                raise error
+            raise InputError(message)
+        return list(todo or [])
+
+    def shard(self, todo: list[Any]) -> list[Any]:
+        return plan_shards(self.ctx, todo, keys=lambda pr: pr.stem, cost=self.cost)
+
+
 def merge_summaries(parts: Sequence[tuple[Any, dict[str, Any]]], plan: Optional[dict[str, Any]] = None,
                     backend: str = "gloo") -> dict[str, Any]:
     """One summary document from every rank's ``(RunSummary, rank info)``, in rank order.
@@ -300,10 +328,15 @@ def merge_summaries(parts: Sequence[tuple[Any, dict[str, Any]]], plan: Optional[
     main = parts[0][0]
     merged = RunSummary(settings=dict(main.settings), inputs=dict(main.inputs), output_dir=main.output_dir,
                         plan=None if main.plan is None else dict(main.plan), skipped=list(main.skipped),
-                        unpaired=list(main.unpaired), ignored=list(main.ignored))
+                        replaced=list(main.replaced), unpaired=list(main.unpaired), ignored=list(main.ignored),
+                        kept=dict(main.kept), identities=dict(main.identities), runs=list(main.runs),
+                        settings_digest=main.settings_digest)
     merged.started = min(s.started for s, _ in parts)
     merged.finished = now()
     merged.complete = all(s.complete for s, _ in parts)
+    merged.pending = sum(s.pending for s, _ in parts)
+    stops = [f"rank {r}: {s.stopped}" for r, (s, _) in enumerate(parts) if s.stopped]
+    merged.stopped = "; ".join(stops) or None
     merged.wall_s = max(s.wall_s for s, _ in parts)
     merged.fusion_s = sum(s.fusion_s for s, _ in parts)
     ranks = []
@@ -336,22 +369,26 @@ def finish_fuse(ctx: Context, summary: Any, out_dir: Path, failed_code: int) -> 
     """Gather the ranks' summaries, write ``OUT/ddfm_summary.json`` on rank 0, agree on the exit code.
 
     Returns ``(exit code, merged summary on rank 0 / None elsewhere)``; every rank gets the same code:
-    0, ``failed_code`` when any pair failed on any rank, 1 when rank 0 could not write the summary.
+    0, ``failed_code`` when any pair failed on any rank, 1 when a rank stopped early (``doc["stopped"]``) or
+    rank 0 could not write the summary (``doc["write_error"]``, one line; the journals keep the records then).
     """
+    from ddfm_fast import resume
+    from ddfm_fast.summary import write_summary
+
     parts = ctx.gather((summary, ctx.describe()))
-    code, doc, error = 0, None, None
+    code, doc = 0, None
     if ctx.is_main:
         assert parts is not None
+        doc = merge_summaries(parts, ctx.plan, ctx.backend)
+        code = 1 if doc["stopped"] else (failed_code if doc["failed"] else 0)
         try:
-            doc = merge_summaries(parts, ctx.plan, ctx.backend)
-            io.save_json(doc, Path(out_dir) / SUMMARY_NAME)
-            code = failed_code if doc["failed"] else 0
-        except Exception as exc:  # noqa: BLE001 (reported below, after the other ranks were told)
-            code, error = 1, exc
+            write_summary(doc, Path(out_dir) / SUMMARY_NAME)
+            resume.remove_journals(resume.journal_paths(Path(out_dir)))  # every rank has finished writing them
+        except OSError as exc:
+            code = 1
+            doc["write_error"] = f"{Path(out_dir) / SUMMARY_NAME}: cannot write it ({exc.strerror or exc})"
     code = ctx.broadcast(code)
     ctx.barrier()
-    if error is not None:
-        raise error
     return code, doc
 
 
@@ -385,24 +422,42 @@ def replace_pairing_for_rank(pairing: Any, rank: int) -> Any:
     return dataclasses.replace(pairing, unmatched=[], ignored=[])
 
 
-def fuse_folder(env: DistEnv, device: torch.device, model: Any, pairing: Any, out_dir: Path, run: Any, *,
-                failed_code: int, bar: Any = None, **run_folder_args: Any) -> tuple[int, Optional[dict[str, Any]]]:
-    """One rank of a torchrun folder run: shard the pending pairs (LPT over the model's pixel counts), fuse this
-    rank's share with :func:`ddfm_fast.runner.run_folder`, and :func:`finish_fuse`.
+def fuse_folder(env: DistEnv, device: torch.device, model_loader: Callable[[], Any], pairing: Any, out_dir: Path,
+                run: Any, *, failed_code: int, bar: Any = None,
+                **run_folder_args: Any) -> tuple[int, Optional[dict[str, Any]]]:
+    """One rank of a torchrun folder run: rank 0 locks the output folder (before any rank calls ``model_loader``),
+    rank 0's resume decision is sharded (LPT over the model's pixel counts), this rank fuses its share with
+    :func:`ddfm_fast.runner.run_folder`, and :func:`finish_fuse`.
 
-    ``run_folder_args`` go to ``run_folder`` (plan, overwrite, extra_settings, inputs, progress_dir); rank 0
-    alone shows the progress bars. Returns ``(exit code shared by all ranks, merged summary on rank 0)``.
+    ``run_folder_args`` go to ``run_folder`` (plan, overwrite, extra_settings, inputs, progress_dir, on_event,
+    warn); rank 0 alone shows the progress bars. Returns ``(exit code shared by all ranks, merged summary on
+    rank 0)``. A lock held by another run raises :class:`ddfm_fast.resume.FolderBusyError` on every rank.
     """
+    from ddfm_fast import resume
+    from ddfm_fast.pairing import InputError
     from ddfm_fast.runner import run_folder
 
     side = "vis" if run.resize == "vis" else "ir"  # the side whose size the model sees
     policy = run.sampler.size_policy
     with session(env, device) as ctx:
-        def shard(pending: list[Any]) -> list[Any]:
-            return plan_shards(ctx, pending, keys=lambda pr: pr.stem,
-                               cost=lambda pr: image_pixels(getattr(pr, side), policy))
-
-        summary = run_folder(model, replace_pairing_for_rank(pairing, env.rank), out_dir, run, device=device,
-                             bar=bar if env.is_main else None, step_bar=bar if env.is_main else None,
-                             shard=shard, write_summary=False, **run_folder_args)
-        return finish_fuse(ctx, summary, out_dir, failed_code)
+        lock, error = None, None
+        if ctx.is_main:
+            try:
+                lock = resume.FolderLock(Path(out_dir)).acquire()
+            except InputError as exc:
+                error = exc
+        message = ctx.broadcast(None if error is None else str(error))
+        if message is not None:
+            if error is not None:
+                raise error
+            raise resume.FolderBusyError(message)
+        try:
+            model = model_loader()
+            coordinator = RankCoordinator(ctx, cost=lambda pr: image_pixels(getattr(pr, side), policy))
+            summary = run_folder(model, replace_pairing_for_rank(pairing, env.rank), out_dir, run, device=device,
+                                 bar=bar if env.is_main else None, step_bar=bar if env.is_main else None,
+                                 coordinator=coordinator, lock=lock, write_summary=False, **run_folder_args)
+            return finish_fuse(ctx, summary, out_dir, failed_code)
+        finally:
+            if lock is not None:
+                lock.release()

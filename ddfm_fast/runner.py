@@ -1,55 +1,106 @@
 """Runs over pairs of files: one pair to one file, or two folders to an output folder, resumable.
 
-A folder run is four small steps, each a function here:
+A folder run is a few small steps, each a function here or in :mod:`ddfm_fast.resume`:
 
-1. :func:`pending_pairs`: which pairs still need an output (existing ones are kept unless ``overwrite``), and
-   :func:`check_resume`: kept outputs must come from a run with the same :func:`output_identity`, else the run
-   is refused before anything is written;
+1. the output folder is locked (:class:`~ddfm_fast.resume.FolderLock`), stale ``.part`` temporaries are
+   removed, and :func:`plan_resume` decides per pair: an existing output counts as done only when its record
+   proves it (same output bytes, settings and input bytes; :func:`ddfm_fast.resume.classify`); outputs made with
+   other settings stop the run before anything is written (:class:`StaleOutputsError`);
 2. :func:`read_pair` reads and validates each pair once (:func:`ddfm_fast.io.open_image`, then
-   :func:`ddfm_fast.api.prepare_arrays`), and :func:`size_buckets` groups pairs of one model size into batches;
+   :func:`ddfm_fast.api.prepare_arrays`) and fingerprints its inputs, and :func:`size_buckets` groups pairs of
+   one model size into batches;
 3. :func:`fuse_batch` hands a batch to :func:`ddfm_fast.api.fuse_prepared` (no second read), and
-   :func:`write_result` writes each output atomically;
-4. the :class:`~ddfm_fast.summary.RunSummary` records every pair (done, skipped, failed with its reason), the
-   settings (:meth:`RunConfig.to_dict`) and the plan that ran, run-time fallbacks included.
+   :func:`write_result` writes each output atomically (:func:`ddfm_fast.outputs.write_output`), its record
+   journaled before the output takes its name;
+4. the :class:`~ddfm_fast.summary.RunSummary` records every pair (done, skipped, failed with its reason), every
+   output of this and earlier runs with what made it, the settings (:meth:`RunConfig.to_dict`) and the plan
+   that ran, run-time fallbacks included.
 
-:func:`run_folder` strings them together; a bad pair never stops a folder run. Nothing here knows about click:
+:func:`run_folder` strings them together. A bad pair (unreadable, sizes that differ, over the pixel cap, a
+non-finite result, an output that cannot be written) is recorded with its reason and the run goes on; a full or
+read-only disk stops it (no later pair could be written), keeping what was done. Ctrl-C and SIGTERM end it
+with a summary that counts everything done so far (:class:`RunInterrupted`). Nothing here knows about click:
 ``ddfm-fast fuse``, ``ddfm-fast score`` and the torchrun launcher (``ddfm_fast.distributed``) all call it.
+torch is imported by the functions that compute, so that the command line's ``--help`` stays light.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Protocol
 
-import numpy as np
-import torch
-from torch import nn
-
-from ddfm_fast import api, io
+from ddfm_fast import io, outputs, resume
 from ddfm_fast.config import AccelConfig, ConfigError, SamplerConfig
 from ddfm_fast.pairing import MODES, InputError, Pair, Pairing, Roles, roles
-from ddfm_fast.plan import ExecutionPlan
-from ddfm_fast.progress import BarFactory, NoBar, ProgressRecorder, step_callback
-from ddfm_fast.sampler import StepOutput
-from ddfm_fast.summary import SUMMARY_NAME, SUMMARY_SCHEMA, RunSummary, now
+from ddfm_fast.summary import SUMMARY_NAME, RunSummary, now
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from ddfm_fast.api import FusionResult, PreparedPair
+    from ddfm_fast.plan import ExecutionPlan
+    from ddfm_fast.progress import BarFactory
+    from ddfm_fast.sampler import StepOutput
 
 OutputKind = Literal["gray", "color", "png16", "npy"]
 OUTPUT_KINDS: tuple[str, ...] = ("gray", "color", "png16", "npy")
 RESIZES = (None, "ir", "vis")
 FLOAT_ROUNDING_ONLY = {"affects_output": False}  # RunConfig field metadata: excluded from the resume check
+DEFAULT_PRIOR = "ddfm-small"  # the shipped prior, ddfm_fast.api.DEFAULT_PRIOR (a test keeps them equal)
+Event = Callable[[dict[str, Any]], None]
 
 
 class PairError(ValueError):
-    """One pair cannot be fused (unreadable file, size mismatch, too small); the message names the files."""
+    """One pair cannot be fused (unreadable file, size mismatch, too small, a non-finite result, an output that
+    cannot be written); the message names the files."""
+
+
+class OutputWriteError(PairError):
+    """An output could not be written; ``fatal`` when no other output could be either (disk full, read-only)."""
+
+    def __init__(self, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class StaleOutputsError(InputError):
     """The output folder holds outputs of a run with other output-affecting settings; the message names them."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal ended the run: Ctrl-C (SIGINT), SIGTERM or SIGHUP (``signum``); the command line turns SIGTERM and
+    SIGHUP into this exception, so cleanup and the summary run as for Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGINT, message: str = "") -> None:
+        super().__init__(message or signal_name(signum))
+        self.signum = int(signum)
+
+
+class RunInterrupted(Interrupted):
+    """A folder run was interrupted after writing its summary; ``message`` says what was done and how to resume."""
+
+    def __init__(self, signum: int, message: str, summary: Optional[RunSummary] = None) -> None:
+        super().__init__(signum, message)
+        self.message = message
+        self.summary = summary
+
+
+def signal_name(signum: int) -> str:
+    if signum == signal.SIGINT:
+        return "Ctrl-C (SIGINT)"
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 # --------------------------------------------------------------------------------------------------- the run
@@ -63,7 +114,11 @@ class RunConfig:
         sampler, accel: the two option types, whole.
         mode: ``"ivf"`` (infrared + visible) or ``"mif"`` (functional + MRI): the roles (``ddfm_fast.pairing``).
         output: ``"gray"`` (the official 8-bit output), ``"color"`` (fused luminance with the colour side's
-            chroma), ``"png16"`` (16-bit unstretched luminance) or ``"npy"`` (float32 ``(Y + 1) / 2``).
+            chroma), ``"png16"`` (16-bit unstretched luminance, as PNG or TIFF) or ``"npy"`` (float32
+            ``(Y + 1) / 2``).
+        file_format: the file format of the outputs (:data:`ddfm_fast.outputs.FORMATS`: png, tiff, jpeg, bmp, npy);
+            ``None`` is PNG (``.npy`` for the npy output). It must hold the output kind
+            (:data:`ddfm_fast.outputs.KIND_FORMATS`).
         resize: ``None`` (a size mismatch fails the pair), ``"ir"`` (the vis side takes the ir side's size) or
             ``"vis"`` (the other way), with Pillow's LANCZOS filter.
         checkpoint, model_config: the model's identity as given (a path or a preset name; ``None`` is the shipped
@@ -80,12 +135,19 @@ class RunConfig:
     checkpoint: Optional[str] = None
     model_config: Optional[str] = None
     batch_size: int = field(default=1, metadata=FLOAT_ROUNDING_ONLY)
+    file_format: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.output not in OUTPUT_KINDS:
             raise ConfigError(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {self.output!r}")
+        if self.file_format is None:
+            object.__setattr__(self, "file_format", "npy" if self.output == "npy" else "png")
+        try:
+            outputs.check_format(self.output, self.file_format)  # type: ignore[arg-type]
+        except outputs.OutputFormatError as exc:
+            raise ConfigError(f"file_format {self.file_format!r}: {exc}") from None
         if self.resize not in RESIZES:
             raise ConfigError(f"resize must be None, 'ir' or 'vis', got {self.resize!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -99,8 +161,8 @@ class RunConfig:
 
     @property
     def suffix(self) -> str:
-        """The output file suffix: ``.npy`` for raw npy output, else ``.png``."""
-        return ".npy" if self.output == "npy" else ".png"
+        """The output file suffix of a folder run: ``.png``, ``.tif``, ``.jpg``, ``.bmp`` or ``.npy``."""
+        return outputs.FORMATS[self.file_format]  # type: ignore[index]
 
     def for_model(self, model: Optional[nn.Module]) -> "RunConfig":
         """This run with the sampler's ``steps`` filled in from ``model`` (its ``default_steps``) when unset."""
@@ -119,7 +181,7 @@ class RunConfig:
         return output_identity(self.to_dict(), None if plan is None else plan.to_dict())
 
 
-def _model_name(name: Optional[str], prior: str, default: Optional[str] = api.DEFAULT_PRIOR) -> Optional[str]:
+def _model_name(name: Optional[str], prior: str, default: Optional[str] = DEFAULT_PRIOR) -> Optional[str]:
     """A checkpoint or config as the summary records it: a file as its absolute path, a preset by its name."""
     if prior == "none":
         return None
@@ -130,12 +192,13 @@ def _model_name(name: Optional[str], prior: str, default: Optional[str] = api.DE
 
 
 def output_identity(settings: dict[str, Any], plan: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """What decides the written pixels, from a summary's ``settings`` (:meth:`RunConfig.to_dict`) and ``plan``.
+    """What decides the written bytes, from a summary's ``settings`` (:meth:`RunConfig.to_dict`) and ``plan``.
 
     Every :class:`SamplerConfig` field; every :class:`RunConfig` run-level field except those marked as changing
-    float rounding only (the batch size); and the UNet dtype the plan chose (fp16 / bf16 change the numerics,
-    not only their rounding order). Derived from the fields, so a new sampler option is covered by being a
-    field. The device, the step backend, compile, CUDA graphs and channels_last change float rounding only.
+    float rounding only (the batch size): the mode, output kind, file format, resize and model; and the UNet
+    dtype the plan chose (fp16 / bf16 change the numerics, not only their rounding order). Derived from the
+    fields, so a new sampler option is covered by being a field. The device, the step backend, compile, CUDA
+    graphs and channels_last change float rounding only.
     """
     sampler, run = dict(settings.get("sampler", {})), settings.get("run", {})
     counted = [f.name for f in dataclasses.fields(RunConfig)
@@ -143,39 +206,6 @@ def output_identity(settings: dict[str, Any], plan: Optional[dict[str, Any]]) ->
     identity = {**sampler, **{k: run.get(k) for k in counted}}
     identity["unet_dtype"] = plan.get("dtype") if plan and sampler.get("prior") != "none" else None
     return json.loads(json.dumps(identity))  # the types a summary gives back (lists, not tuples)
-
-
-def check_resume(out_dir: Path, identity: dict[str, Any], kept: int) -> Optional[str]:
-    """Refuse, with :class:`StaleOutputsError`, to keep ``kept`` outputs made with another identity.
-
-    A resumed run keeps existing outputs only when the previous run's summary in ``out_dir`` has the same
-    :func:`output_identity`; any difference is named in the one-line error, with the way out (``--overwrite``).
-    Returns a warning when outputs exist but no summary does (they are kept: files put there on purpose).
-    """
-    if kept == 0:
-        return None
-    path = Path(out_dir) / SUMMARY_NAME
-    if not path.exists():
-        return (f"{kept} existing output(s) in {out_dir} were kept, but there is no {SUMMARY_NAME} saying which "
-                "settings made them; use --overwrite to redo them")
-    redo = "rerun with --overwrite to redo them with these settings, or write to another folder"
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-        schema = old.get("schema") if isinstance(old, dict) else None
-    except (OSError, ValueError) as exc:
-        raise StaleOutputsError(f"{path}: cannot be read ({exc}), so the {kept} existing output(s) cannot be "
-                                f"checked against the settings; {redo}") from None
-    if schema != SUMMARY_SCHEMA:
-        raise StaleOutputsError(f"{path} does not record the settings as this version of ddfm-fast does (schema "
-                                f"{schema!r}, expected {SUMMARY_SCHEMA}), so the {kept} existing output(s) cannot "
-                                f"be checked against them; {redo}")
-    before = output_identity(old.get("settings") or {}, old.get("plan"))
-    changed = [f"{k} {before.get(k)!r} -> {identity.get(k)!r}" for k in sorted(set(before) | set(identity))
-               if before.get(k) != identity.get(k)]
-    if changed:
-        raise StaleOutputsError(f"{out_dir} holds {kept} output(s) made with other settings ({'; '.join(changed)}); "
-                                f"{redo}")
-    return None
 
 
 # --------------------------------------------------------------------------------------------------- one pair
@@ -186,9 +216,10 @@ class ReadPair:
     """A pair read once and validated: the sampler's inputs, and what the output writer needs."""
 
     pair: Pair
-    prepared: api.PreparedPair
+    prepared: PreparedPair
     color_source: Optional[np.ndarray]  # (H, W, 3) uint8, only for colour output
     resized: Optional[str] = None  # which side was resized, with the sizes, for the summary
+    inputs_sha256: dict[str, str] = field(default_factory=dict)  # role -> SHA-256 of the input file's bytes
 
     @property
     def model_hw(self) -> tuple[int, int]:
@@ -201,10 +232,13 @@ def _size(a: np.ndarray) -> str:
 
 
 def read_pair(pair: Pair, run: RunConfig) -> ReadPair:
-    """Read a pair (each file decoded once), resize if asked, apply the size policy.
+    """Read a pair (each file decoded once, within the pixel cap), resize if asked, apply the size policy, and
+    fingerprint both files (SHA-256 of their bytes, for the output's record).
 
     Raises :class:`PairError` naming the files and the problem.
     """
+    from ddfm_fast import api
+
     r = run.roles
     try:
         ir_img, vis_img = io.open_image(pair.ir), io.open_image(pair.vis)
@@ -226,17 +260,36 @@ def read_pair(pair: Pair, run: RunConfig) -> ReadPair:
         resized = f"{side} {_size(before)} -> {prepared.in_hw[1]}x{prepared.in_hw[0]}"
         if color is not None and color.shape[:2] != prepared.in_hw:
             color = io.resize_rgb8(color, prepared.in_hw)
-    return ReadPair(pair, prepared, color, resized)
+    sha: dict[str, str] = {}
+    for role, path in ((r.ir, pair.ir), (r.vis, pair.vis)):
+        try:
+            sha[role] = outputs.fingerprint(path).sha256
+        except io.FileProblem as exc:
+            raise PairError(f"{io.display_name(path)}: {exc.reason}") from exc
+        except OSError as exc:
+            raise PairError(f"{io.display_name(path)}: cannot be read ({exc.strerror})") from exc
+    return ReadPair(pair, prepared, color, resized, sha)
 
 
 def fuse_batch(model: Optional[nn.Module], batch: list[ReadPair], run: RunConfig, device: torch.device,
-               callback: Optional[Callable[[StepOutput], None]] = None) -> list[api.FusionResult]:
-    """Fuse read pairs of one model size as one batch (one EM tau per image): :func:`api.fuse_prepared`."""
-    return api.fuse_prepared([item.prepared for item in batch], run.sampler, run.accel, model, device,
-                             callback=callback)
+               callback: Optional[Callable[[StepOutput], None]] = None) -> list[FusionResult]:
+    """Fuse read pairs of one model size as one batch (one EM tau per image): :func:`api.fuse_prepared`.
+
+    A non-finite result raises :class:`PairError` saying which stage went non-finite (nothing is written).
+    """
+    from ddfm_fast import api
+    from ddfm_fast.em_only import EMOnlyNonFiniteError
+    from ddfm_fast.sampler import NonFiniteError
+
+    try:
+        return api.fuse_prepared([item.prepared for item in batch], run.sampler, run.accel, model, device,
+                                 callback=callback)
+    except (NonFiniteError, EMOnlyNonFiniteError) as exc:
+        names = "; ".join(f"{item.pair.ir}, {item.pair.vis}" for item in batch)
+        raise PairError(f"{names}: non-finite result: {exc}") from exc
 
 
-def output_array(result: api.FusionResult, item: ReadPair, output: OutputKind) -> np.ndarray:
+def output_array(result: FusionResult, item: ReadPair, output: OutputKind) -> np.ndarray:
     """The array an output file holds: 8-bit gray (official), 8-bit RGB, 16-bit raw luminance, or float32."""
     if output == "gray":
         return result.fused
@@ -251,22 +304,39 @@ def output_array(result: api.FusionResult, item: ReadPair, output: OutputKind) -
     raise ValueError(f"unknown output kind {output!r}")
 
 
-def write_result(result: api.FusionResult, item: ReadPair, dest: Path, run: RunConfig,
-                 seconds: float) -> dict[str, Any]:
-    """Write one output atomically (temporary file + rename); returns its summary record."""
+def write_result(result: FusionResult, item: ReadPair, dest: Path, run: RunConfig, seconds: float, *,
+                 settings: Optional[str] = None, journal: Optional[resume.Journal] = None) -> dict[str, Any]:
+    """Write one output atomically in ``run.file_format``; returns its record (what made it: the settings digest,
+    the inputs' and the output's SHA-256), journaled before the output takes its name.
+
+    A failed write raises :class:`OutputWriteError` naming the file (``fatal`` for a full or read-only disk).
+    """
+    import numpy as np
+
+    if not bool(np.isfinite(result.luma).all()):  # the sampler checks its sample; this guards every output kind
+        raise PairError(f"{item.pair.ir}, {item.pair.vis}: non-finite result (the fused luminance holds NaN or "
+                        "inf); nothing was written")
     array = output_array(result, item, run.output)
-    if run.output == "npy":
-        io.save_npy(array, dest)
-    else:
-        io.save_png(array, dest)
     r = run.roles
-    record: dict[str, Any] = {"stem": item.pair.stem, r.ir: str(item.pair.ir), r.vis: str(item.pair.vis),
-                              "output": str(dest), "size": [result.size[1], result.size[0]],
-                              "seconds": round(seconds, 4)}
+    record: dict[str, Any] = {"stem": item.pair.stem, r.ir: str(Path(item.pair.ir).absolute()),
+                              r.vis: str(Path(item.pair.vis).absolute()), "output": str(dest),
+                              "size": [result.size[1], result.size[0]], "seconds": round(seconds, 4)}
     if item.resized:
         record["resized"] = item.resized
     if run.output == "color" and item.color_source is not None and not io.has_chroma(item.color_source):
         record["note"] = "the colour source is gray, so the colour output is gray"
+
+    def commit(printed: outputs.Fingerprint) -> None:
+        record.update(settings=settings, inputs_sha256=dict(item.inputs_sha256), output_sha256=printed.sha256,
+                      output_bytes=printed.bytes, made=now())
+        if journal is not None:
+            journal.append(record)
+
+    try:
+        outputs.write_output(array, dest, run.file_format, before_commit=commit)  # type: ignore[arg-type]
+    except OSError as exc:
+        raise OutputWriteError(outputs.write_error(dest, exc),
+                               fatal=exc.errno in outputs.FATAL_WRITE_ERRNOS) from exc
     return record
 
 
@@ -282,8 +352,14 @@ def run_single(model: Optional[nn.Module], pair: Pair, dest: Path, run: RunConfi
                progress_dir: Optional[Path] = None, step_bar: Optional[BarFactory] = None) -> SingleResult:
     """Fuse one pair into ``dest`` (replacing it, atomically); optionally its per-step images in ``progress_dir``.
 
-    Errors of the pair raise :class:`PairError`.
+    The format is ``run.file_format`` and must agree with ``dest``'s extension. Every problem of the pair
+    (unreadable, sizes, non-finite, the write) raises :class:`PairError`; nothing is written then.
     """
+    from ddfm_fast.progress import ProgressRecorder, step_callback
+
+    fmt = outputs.format_of(dest)
+    if fmt != run.file_format:
+        raise ValueError(f"{dest}: the extension asks for {fmt} but the run writes {run.file_format}")
     t = time.perf_counter()
     run = run.for_model(model)
     item = read_pair(pair, run)
@@ -300,22 +376,75 @@ def run_single(model: Optional[nn.Module], pair: Pair, dest: Path, run: RunConfi
     return SingleResult(record, result.plan)
 
 
-# --------------------------------------------------------------------------------------------------- folders
+# --------------------------------------------------------------------------------------------------- resume
 
 
-def pending_pairs(pairs: Iterable[Pair], out_dir: Path, suffix: str,
-                  overwrite: bool) -> tuple[list[Pair], list[dict[str, Any]]]:
-    """The pairs to fuse, and a ``skipped`` record for each pair whose output exists (kept unless ``overwrite``)."""
-    todo: list[Pair] = []
-    skipped: list[dict[str, Any]] = []
+@dataclass
+class ResumePlan:
+    """What :func:`plan_resume` decided for a folder's pairs."""
+
+    todo: list[Pair]
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # verified outputs, kept
+    refused: list[dict[str, Any]] = field(default_factory=list)  # pairs that fail: a file in the way
+    replaced: list[dict[str, Any]] = field(default_factory=list)  # existing files fused again, with why
+    kept: dict[str, dict[str, Any]] = field(default_factory=dict)  # output name -> record, every known output
+
+
+REDO_HINT = "rerun with --overwrite to redo them with these settings, or write to another folder"
+
+
+def plan_resume(pairs: Iterable[Pair], out_dir: Path, run: RunConfig, identity: dict[str, Any],
+                records: resume.FolderRecords, *, overwrite: bool = False) -> ResumePlan:
+    """Decide, per pair, what to do with its output path (:func:`ddfm_fast.resume.classify`).
+
+    Raises :class:`StaleOutputsError` before anything is written when verified outputs were made with other
+    settings (naming them), or when outputs exist but the summary that should vouch for them cannot be read.
+    """
+    out_dir = Path(out_dir)
+    pairs = list(pairs)
+    r = run.roles
+    digest = resume.settings_digest(identity)
+    dests = {p.stem: out_dir / (p.stem + run.suffix) for p in pairs}
+    existing = [s for s, d in dests.items() if os.path.lexists(d)]
+    if records.problem and existing and not overwrite:
+        raise StaleOutputsError(f"{records.problem}, so the {len(existing)} existing output(s) cannot be checked "
+                                f"against the settings and inputs; {REDO_HINT}")
+    plan = ResumePlan(todo=[], kept=records.all_records())
+    stale: list[dict[str, Any]] = []
     for pair in pairs:
-        dest = Path(out_dir) / (pair.stem + suffix)
-        if dest.exists() and not overwrite:
-            skipped.append({"stem": pair.stem, "output": str(dest),
-                            "reason": "output exists (resume; --overwrite to redo)"})
-        else:
-            todo.append(pair)
-    return todo, skipped
+        dest = dests[pair.stem]
+        if pair.stem not in existing:
+            plan.todo.append(pair)
+            continue
+        verdict = resume.classify(dest, {r.ir: pair.ir, r.vis: pair.vis}, records.candidates(dest.name), digest,
+                                  run.file_format, overwrite=overwrite)  # type: ignore[arg-type]
+        if verdict.status == "done":
+            plan.skipped.append({"stem": pair.stem, "output": str(dest),
+                                 "reason": "verified output of these settings and inputs (resume; --overwrite "
+                                           "to redo)"})
+            assert verdict.record is not None
+            plan.kept[dest.name] = verdict.record
+        elif verdict.status == "settings":
+            stale.append(verdict.record or {})
+        elif verdict.status == "refuse":
+            plan.refused.append({"stem": pair.stem, r.ir: str(pair.ir), r.vis: str(pair.vis),
+                                 "reason": verdict.reason})
+            plan.kept.pop(dest.name, None)
+        else:  # new or redo
+            plan.todo.append(pair)
+            plan.kept.pop(dest.name, None)
+            if verdict.status == "redo" and not overwrite:
+                plan.replaced.append({"stem": pair.stem, "output": str(dest), "reason": verdict.reason})
+    if stale:
+        changes: list[str] = []
+        for rec in stale:
+            before = records.identities.get(str(rec.get("settings")))
+            found = (resume.settings_changes(before, identity) if before is not None
+                     else [f"settings digest {rec.get('settings')!r} -> {digest!r}"])
+            changes += [c for c in found if c not in changes]
+        raise StaleOutputsError(f"{out_dir} holds {len(stale)} output(s) made with other settings "
+                                f"({'; '.join(changes)}); {REDO_HINT}")
+    return plan
 
 
 def size_buckets(items: Iterable[ReadPair], batch_size: int) -> Iterator[list[ReadPair]]:
@@ -329,30 +458,78 @@ def size_buckets(items: Iterable[ReadPair], batch_size: int) -> Iterator[list[Re
     yield from buckets.values()
 
 
+# --------------------------------------------------------------------------------------------------- folders
+
+
+class Coordinator(Protocol):
+    """How the processes of one folder run agree (``ddfm_fast.distributed`` has the torchrun one)."""
+
+    rank: int
+    world_size: int
+    is_main: bool
+
+    def agree(self, error: Optional[BaseException], todo: Optional[list[Pair]]) -> list[Pair]:
+        """The main process's pending pairs on every process, or its error raised on every process."""
+
+    def shard(self, todo: list[Pair]) -> list[Pair]:
+        """This process's share of the pending pairs."""
+
+
+class Alone:
+    """The coordinator of a single-process run."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def agree(self, error: Optional[BaseException], todo: Optional[list[Pair]]) -> list[Pair]:
+        if error is not None:
+            raise error
+        return list(todo or [])
+
+    def shard(self, todo: list[Pair]) -> list[Pair]:
+        return todo
+
+
 def _describe_error(exc: BaseException) -> str:
     if isinstance(exc, (PairError, io.ImageReadError)):
         return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError):
+        return f"{io.display_name(exc.filename) + ': ' if exc.filename else ''}{exc.strerror or exc}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"
 
 
 class _FolderRun:
-    """The state of one :func:`run_folder` call: the summary, the bars, and the batch loop."""
+    """The state of one :func:`run_folder` call: the summary, the bars, the journal and the batch loop."""
 
     def __init__(self, model: Optional[nn.Module], run: RunConfig, out_dir: Path, device: torch.device,
                  summary: RunSummary, progress: Any, step_bar: Optional[BarFactory],
-                 progress_dir: Optional[Path]) -> None:
+                 progress_dir: Optional[Path], journal: resume.Journal, on_event: Optional[Event]) -> None:
         self.model, self.run, self.out_dir, self.device = model, run, out_dir, device
         self.summary, self.progress, self.step_bar, self.progress_dir = summary, progress, step_bar, progress_dir
+        self.journal, self.on_event = journal, on_event
         self.plan: Optional[ExecutionPlan] = None  # the plan that ran (the sampler's, with its fallbacks)
+        self.finished = 0  # pairs of this process's share that were done or failed
+        self.stopped: Optional[str] = None  # why the loop stopped early (a write no output can escape)
+
+    def event(self, status: str, record: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event({"event": "pair", "status": status, **record})
 
     def fail(self, pair: Pair, exc: BaseException) -> None:
         reason = _describe_error(exc)
         r = self.run.roles
-        self.summary.failed.append({"stem": pair.stem, r.ir: str(pair.ir), r.vis: str(pair.vis), "reason": reason})
+        record = {"stem": pair.stem, r.ir: str(pair.ir), r.vis: str(pair.vis), "reason": reason}
+        self.summary.failed.append(record)
+        self.finished += 1
         self.progress.write(f"failed: {pair.stem}: {reason}")
+        self.event("failed", record)
+        if isinstance(exc, OutputWriteError) and exc.fatal and self.stopped is None:
+            self.stopped = reason
 
     def read(self, todo: list[Pair]) -> Iterator[ReadPair]:
         for pair in todo:
+            if self.stopped:
+                return
             try:
                 yield read_pair(pair, self.run)
             except PairError as exc:
@@ -360,7 +537,12 @@ class _FolderRun:
                 self.progress.update(1)
 
     def fuse(self, batch: list[ReadPair]) -> None:
-        """Fuse and write one batch; a failing batch (e.g. out of memory) is retried pair by pair."""
+        """Fuse and write one batch; a failing batch (e.g. out of memory, one non-finite image) is retried pair by
+        pair, so only the pair at fault fails."""
+        from ddfm_fast.progress import ProgressRecorder, step_callback
+
+        if self.stopped:
+            return
         t = time.perf_counter()
         steps = None
         if self.step_bar is not None:
@@ -369,8 +551,6 @@ class _FolderRun:
         recorder = ProgressRecorder(self.progress_dir, batch[0].prepared.out_hw) if self.progress_dir else None
         try:
             results = fuse_batch(self.model, batch, self.run, self.device, step_callback(recorder, steps))
-        except (KeyboardInterrupt, SystemExit):
-            raise
         except Exception as exc:  # noqa: BLE001 - a failing batch fails its pairs, not the run
             if steps is not None:
                 steps.close()
@@ -386,21 +566,47 @@ class _FolderRun:
             if steps is not None:
                 steps.close()
         per_image = (time.perf_counter() - t) / len(batch)
+        digest = self.summary.settings_digest
         for item, result in zip(batch, results, strict=True):
             self.plan = result.plan or self.plan
+            dest = self.out_dir / (item.pair.stem + self.run.suffix)
             try:
-                record = write_result(result, item, self.out_dir / (item.pair.stem + self.run.suffix), self.run,
-                                      per_image)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # noqa: BLE001 - a failed write (disk full) fails its pair
+                record = write_result(result, item, dest, self.run, per_image, settings=digest,
+                                      journal=self.journal)
+            except Exception as exc:  # noqa: BLE001 - a failed write fails its pair (and a full disk the run)
                 self.fail(item.pair, exc)
                 continue
             if recorder is not None:
                 record["progress"] = str(recorder.finish())
             self.summary.done.append(record)
+            self.finished += 1
+            self.event("done", record)
         self.summary.fusion_s += time.perf_counter() - t
         self.progress.update(len(batch))
+
+
+def _absorb_journals(summary: RunSummary, out_dir: Path) -> None:
+    """Add the records of every journal in ``out_dir`` (other ranks of this run, a killed earlier run) that the
+    summary lacks, so an interrupted summary counts every output done so far."""
+    found = resume.FolderRecords()
+    resume.read_journals(resume.journal_paths(out_dir), found)
+    mine = {Path(rec["output"]).name for rec in summary.done}
+    for name, recs in found.journaled.items():
+        if name not in mine:
+            summary.kept[name] = recs[-1]
+    for digest, ident in found.identities.items():
+        summary.identities.setdefault(digest, ident)
+
+
+def interrupted_message(summary: RunSummary, out_dir: Path, signum: int, total: int) -> str:
+    """What an interrupted folder run says: how much is done, that it is kept, how to resume."""
+    c = summary.counts()
+    where = (f"summary: {out_dir / SUMMARY_NAME}" if summary.write_error is None
+             else f"the summary could not be written ({summary.write_error}); the records are kept in "
+                  f"{out_dir}/{resume.JOURNAL_PREFIX}*{resume.JOURNAL_SUFFIX}")
+    return (f"interrupted by {signal_name(signum)}: {c['done']} pair(s) fused in this run, {c['outputs']} output(s) "
+            f"done in all in {out_dir} and kept, {c['pending']} of {total} pair(s) not reached; rerun the same "
+            f"command to resume ({where})")
 
 
 def run_folder(
@@ -417,59 +623,140 @@ def run_folder(
     bar: Optional[BarFactory] = None,
     step_bar: Optional[BarFactory] = None,
     progress_dir: Optional[Path] = None,
-    shard: Optional[Callable[[list[Pair]], list[Pair]]] = None,
+    coordinator: Optional[Coordinator] = None,
+    lock: Optional[resume.FolderLock] = None,
     write_summary: bool = True,
+    on_event: Optional[Event] = None,
+    warn: Optional[Callable[[str], None]] = None,
 ) -> RunSummary:
     """Fuse every pair of ``pairing`` into ``out_dir/<stem><suffix>`` and write ``out_dir/ddfm_summary.json``.
 
-    Existing outputs are kept unless ``overwrite`` (resume), after :func:`check_resume` (a
-    :class:`StaleOutputsError` before anything is written when they were made with other settings). A pair that
-    fails (unreadable, size mismatch, an error while fusing or writing) is recorded with its reason and the run
-    goes on. Pairs of one model size are fused ``run.batch_size`` at a time. The summary is written even when
-    the run is interrupted (``complete: false``). ``plan`` is the execution plan the caller resolved (recorded;
-    replaced by the sampler's, with its run-time fallbacks, once a batch ran). ``extra_settings`` go into the
-    summary's settings beside :meth:`RunConfig.to_dict` (device, paper, ...). ``bar`` / ``step_bar`` are
-    tqdm-like factories. ``progress_dir`` (a pairing of exactly one pair) receives its per-step images.
+    The folder is locked for the run (``lock``: a :class:`~ddfm_fast.resume.FolderLock` the caller already holds,
+    else one is taken here; a second run gets :class:`~ddfm_fast.resume.FolderBusyError`), stale temporary files
+    are removed, and existing outputs are kept only when verified (:func:`plan_resume`; with ``overwrite`` all
+    are redone). A pair that fails (unreadable, size mismatch, non-finite, its output cannot be written) is
+    recorded with its reason and the run goes on; a full or read-only disk stops it (``summary.stopped``). Pairs
+    of one model size are fused ``run.batch_size`` at a time. The summary keeps the records of earlier runs'
+    outputs and is written also when the run is interrupted (``complete: false``; then
+    :class:`RunInterrupted` is raised with what was done), or its write failure is kept in
+    ``summary.write_error`` (never raised). ``plan`` is the execution plan the caller resolved (the plan is made
+    here when it is None; replaced by the sampler's, with its run-time fallbacks, once a batch ran).
+    ``extra_settings`` go into the summary's settings beside :meth:`RunConfig.to_dict` (device, paper, ...).
+    ``bar`` / ``step_bar`` are tqdm-like factories. ``progress_dir`` (a pairing of exactly one pair) receives its
+    per-step images. ``on_event`` receives one dict per pair (``{"event": "pair", "status": "done" | "skipped" |
+    "failed", ...}``); ``warn`` the run's warnings (default: the progress bar's ``write``).
 
-    Distributed hooks (``ddfm_fast.distributed``; unused by a single-process run): ``shard`` receives the pending
-    pairs and returns the ones this process fuses; ``write_summary=False`` leaves the file to the caller.
+    Distributed hooks (``ddfm_fast.distributed``): ``coordinator`` shares rank 0's resume decision and shards
+    it; only rank 0 locks, cleans and decides; ``write_summary=False`` leaves the file to the caller.
     """
     out_dir = Path(out_dir)
+    coord: Coordinator = coordinator if coordinator is not None else Alone()
     if progress_dir is not None and len(pairing.pairs) != 1:
         raise InputError(
             f"per-step progress images are written for one pair only, but the folders hold {len(pairing.pairs)} pairs"
         )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"output folder {out_dir}: exists and is not a folder")
     t0 = time.perf_counter()
     run = run.for_model(model)
-    todo, skipped = pending_pairs(pairing.pairs, out_dir, run.suffix, overwrite)
-    warning = check_resume(out_dir, run.identity(plan), len(skipped))
-    if shard is not None:  # distributed hook: this rank's share of the pending pairs (a collective call)
-        todo = shard(todo)
+    if plan is None and run.sampler.prior != "none":
+        from ddfm_fast.plan import plan as make_plan
+
+        plan = make_plan(device, run.accel)
+    identity = run.identity(plan)
+    digest = resume.settings_digest(identity)
+    own_lock: Optional[resume.FolderLock] = None
+    decided: Optional[ResumePlan] = None
+    records = resume.FolderRecords()
+    removed: list[str] = []
+    error: Optional[BaseException] = None
+    if coord.is_main:
+        try:
+            problem = outputs.output_problem(out_dir, folder=True)
+            if problem:
+                raise InputError(f"output folder {problem}")
+            if lock is None or not lock.held:
+                own_lock = lock if lock is not None else resume.FolderLock(out_dir)
+                own_lock.acquire()
+            removed = resume.remove_stale_parts(out_dir)
+            records = resume.load_records(out_dir, SUMMARY_NAME)
+            decided = plan_resume(pairing.pairs, out_dir, run, identity, records, overwrite=overwrite)
+        except InputError as exc:
+            error = exc
+    try:
+        todo = coord.agree(error, None if decided is None else decided.todo)
+        todo = coord.shard(todo)
+    except BaseException:
+        if own_lock is not None:
+            own_lock.release()
+        raise
     settings = {**run.to_dict(), "num_steps": run.sampler.num_steps(), **(extra_settings or {})}
     summary = RunSummary(settings=settings, inputs=dict(inputs or {}), output_dir=str(out_dir),
-                         plan=None if plan is None else plan.to_dict(), skipped=skipped,
-                         unpaired=pairing.unpaired, ignored=[str(p) for p in pairing.ignored],
-                         warnings=[warning] if warning else [])
-    summary.failed += [{"stem": u.stem, "reason": u.reason} for u in pairing.ambiguous]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = (bar or NoBar)(total=len(todo), desc="fuse", unit="img")
+                         plan=None if plan is None else plan.to_dict(), unpaired=pairing.unpaired,
+                         ignored=[str(p) for p in pairing.ignored], settings_digest=digest,
+                         identities={**records.identities, digest: identity}, runs=list(records.runs))
+    warnings_: list[str] = []
+    if decided is not None:
+        summary.skipped, summary.replaced, summary.kept = decided.skipped, decided.replaced, decided.kept
+        summary.failed += decided.refused
+        summary.failed += [{"stem": u.stem, "reason": u.reason} for u in pairing.ambiguous]
+        if removed:
+            warnings_.append(f"removed {len(removed)} stale temporary file(s) left by an interrupted write: "
+                             + ", ".join(removed[:5]) + (", ..." if len(removed) > 5 else ""))
+        for item in decided.replaced:
+            warnings_.append(f"{item['stem']}: {item['reason']}")
+        lock_warning = (own_lock or lock).warning if (own_lock or lock) is not None else None
+        if lock_warning:
+            warnings_.append(lock_warning)
+    summary.warnings = warnings_
+    progress = (bar or _no_bar())(total=len(todo), desc="fuse", unit="img")
+    say = warn if warn is not None else (lambda m: progress.write(f"warning: {m}"))
     for message in summary.warnings:
-        progress.write(f"warning: {message}")
-    state = _FolderRun(model, run, out_dir, device, summary, progress, step_bar, progress_dir)
+        say(message)
+    if on_event is not None:
+        for rec in summary.skipped:
+            on_event({"event": "pair", "status": "skipped", **rec})
+        for rec in summary.failed:
+            on_event({"event": "pair", "status": "failed", **rec})
+    token = f"{summary.started.replace(':', '').replace('+', 'p')}-{os.getpid()}-r{coord.rank}"
+    journal = resume.Journal(out_dir, token, identity, digest)
+    state = _FolderRun(model, run, out_dir, device, summary, progress, step_bar, progress_dir, journal, on_event)
+    interrupted: Optional[KeyboardInterrupt] = None
     try:
-        for batch in size_buckets(state.read(todo), run.batch_size):
-            state.fuse(batch)
-        summary.complete = True
+        try:
+            for batch in size_buckets(state.read(todo), run.batch_size):
+                state.fuse(batch)
+                if state.stopped:
+                    break
+            summary.stopped = state.stopped
+            summary.complete = state.stopped is None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP turned into Interrupted by the CLI
+            interrupted = exc
+        finally:
+            progress.close()
+            journal.close()
+            if state.plan is not None:
+                summary.plan = state.plan.to_dict()
+            for records_ in (summary.done, summary.failed):
+                records_.sort(key=lambda rec: rec.get("stem", ""))
+            summary.pending = max(len(todo) - state.finished, 0)
+            summary.finished = now()
+            summary.wall_s = time.perf_counter() - t0
+            if write_summary or (interrupted is not None and coord.is_main):
+                if interrupted is not None and coord.world_size > 1:
+                    _absorb_journals(summary, out_dir)  # the other ranks' outputs so far
+                written = summary.write_safely(out_dir)
+                if written is not None and coord.world_size == 1:  # the summary holds every journaled record
+                    resume.remove_journals([*records.journals, journal.path])
     finally:
-        progress.close()
-        if state.plan is not None:
-            summary.plan = state.plan.to_dict()
-        for records in (summary.done, summary.failed):
-            records.sort(key=lambda rec: rec.get("stem", ""))
-        summary.finished = now()
-        summary.wall_s = time.perf_counter() - t0
-        if write_summary:  # distributed hook: False on every rank, rank 0 writes the merged summary
-            summary.write(out_dir)
+        if own_lock is not None:
+            own_lock.release()
+    if interrupted is not None:
+        signum = getattr(interrupted, "signum", signal.SIGINT)
+        raise RunInterrupted(signum, interrupted_message(summary, out_dir, signum, len(pairing.pairs)),
+                             summary) from interrupted
     return summary
+
+
+def _no_bar() -> Any:
+    from ddfm_fast.progress import NoBar
+
+    return NoBar

@@ -220,7 +220,7 @@ def test_interrupted_run_still_writes_its_summary(tmp_path: Path, folders, model
     ir_dir, vis_dir = folders
     out = tmp_path / "out"
     res = run(["--ir-dir", str(ir_dir), "--vis-dir", str(vis_dir), "-o", str(out), *model_args])
-    assert res.exit_code != 0 and "Aborted" in res.output
+    assert res.exit_code == 130 and "rerun the same command to resume" in res.output  # 128 + SIGINT
     assert [p.name for p in out.iterdir()] == [SUMMARY_NAME]
     s = _summary(out)
     assert s["complete"] is False and s["counts"]["done"] == 0 and s["finished"]
@@ -235,8 +235,8 @@ def test_folder_run_reports_bad_pairs_resumes_and_batches(tmp_path: Path, folder
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", SUMMARY_NAME]
     assert all(Image.open(out / f"{s}.png").size == (W, H) for s in "ab")
     s = _summary(out)
-    assert s["complete"] and s["counts"] == {"pairs": 4, "done": 2, "skipped": 0, "failed": 2, "unpaired": 2,
-                                             "ignored": 1}
+    assert s["complete"] and s["counts"] == {"pairs": 4, "done": 2, "skipped": 0, "failed": 2, "pending": 0,
+                                             "unpaired": 2, "ignored": 1, "outputs": 2}
     assert [d["stem"] for d in s["done"]] == ["a", "b"] and s["done"][0]["size"] == [W, H]
     failed = {f["stem"]: f["reason"] for f in s["failed"]}
     assert failed["c"].startswith(f"{ir_dir / 'c.png'}: ")  # io names the unreadable file, then why
@@ -301,7 +301,7 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path: Path, folders, one_p
     monkeypatch.setattr(Image.Image, "save", broken_save)
     out = tmp_path / "single" / "out.png"
     res = run([*map(str, one_pair), "-o", str(out), *model_args])
-    assert res.exit_code != 0 and isinstance(res.exception, OSError)
+    assert res.exit_code == 1 and "No space left" in res.output and "Traceback" not in res.output  # one line
     assert list((tmp_path / "single").iterdir()) == []
 
     ir_dir, vis_dir = folders
@@ -352,7 +352,8 @@ def test_mif_folders(tmp_path: Path, data_dir: Path, model_args) -> None:
     (["--batch-size", "2"], "--batch-size 2"),
 ])
 def test_paper_rejects_contradicting_flags(tmp_path: Path, one_pair, model_args, flags, named) -> None:
-    res = run([*map(str, one_pair), "-o", str(tmp_path / "o.png"), "--paper", *flags, *model_args])
+    out = tmp_path / ("o.npy" if "npy" in flags else "o.png")  # raw npy output is written as .npy
+    res = run([*map(str, one_pair), "-o", str(out), "--paper", *flags, *model_args])
     assert res.exit_code == 2 and "--paper" in res.output and named in res.output
     assert not (tmp_path / "o.png").exists()
 
@@ -562,15 +563,21 @@ def test_resume_keeps_outputs_when_only_speed_settings_change(tmp_path: Path, re
     assert s["settings"]["accel"]["compile"] is True and s["settings"]["run"]["batch_size"] == 2
 
 
-def test_resume_without_a_summary_keeps_outputs_and_says_so(tmp_path: Path, resumable, model_args) -> None:
+def test_resume_without_a_summary_refuses_to_count_outputs_as_done(tmp_path: Path, resumable, model_args) -> None:
+    """An output that no record vouches for is neither counted as done nor replaced: its pair fails, naming it."""
     import shutil
 
     out = tmp_path / "out"
     shutil.copytree(resumable["root"] / "out", out)
     (out / SUMMARY_NAME).unlink()
+    before = (out / "p.png").read_bytes()
     res = run([*resumable["folders"], "-o", str(out), *_flags(model_args, {"--seed": "1"})])
-    assert res.exit_code == 0, res.output
-    assert "no ddfm_summary.json" in res.output and _summary(out)["counts"]["skipped"] == 1
+    assert res.exit_code == 3, res.output
+    assert f"output {out / 'p.png'} exists, but no record" in res.output and "--overwrite" in res.output
+    s = _summary(out)
+    assert s["counts"]["skipped"] == 0 and s["counts"]["done"] == 0 and (out / "p.png").read_bytes() == before
+    res = run([*resumable["folders"], "-o", str(out), *_flags(model_args, {"--seed": "1"}), "--overwrite"])
+    assert res.exit_code == 0 and _summary(out)["counts"]["done"] == 1
 
 
 # --------------------------------------------------------------------------------------------------- plan, compile, TV

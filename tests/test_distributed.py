@@ -27,6 +27,7 @@ from PIL import Image
 
 from ddfm_fast import distributed
 from ddfm_fast.pairing import Pair, pair_sources
+from ddfm_fast.config import SamplerConfig
 from ddfm_fast.runner import RunConfig, run_folder
 from ddfm_fast.summary import SUMMARY_NAME, RunSummary
 from ddfm_fast.cli import main
@@ -96,27 +97,48 @@ def test_image_pixels(tmp_path: Path) -> None:
     assert distributed.image_pixels(tmp_path / "missing.png") == 0
 
 
+class _Shard:
+    """A coordinator that records what it is asked to shard and gives this process nothing (another rank does
+    them: nothing is fused here, so no model is needed)."""
+
+    rank, world_size, is_main = 0, 2, True
+
+    def __init__(self) -> None:
+        self.seen: list[list[str]] = []
+
+    def agree(self, error, todo):
+        if error is not None:
+            raise error
+        return todo
+
+    def shard(self, todo: list[Pair]) -> list[Pair]:
+        self.seen.append([p.stem for p in todo])
+        return []
+
+
 def test_run_folder_shards_only_pending_pairs(tmp_path: Path) -> None:
-    """Resume happens before sharding: the shard hook never sees a pair whose output exists."""
+    """Resume happens before sharding: the shard hook never sees a pair whose output is verified, and a kill's
+    temporary file is removed first."""
     ir_dir, vis_dir, out = tmp_path / "ir", tmp_path / "vis", tmp_path / "out"
     for folder in (ir_dir, vis_dir, out):
         folder.mkdir()
     for stem in "xyz":
         Image.new("L", (8, 8)).save(ir_dir / f"{stem}.png")
         Image.new("L", (8, 8)).save(vis_dir / f"{stem}.png")
-    Image.new("L", (8, 8)).save(out / "y.png")  # done by an earlier (killed) run
+    run = RunConfig(sampler=SamplerConfig(prior="none", steps=1))
+    # y was done by an earlier (killed) run: its output and the record it journaled before the rename.
+    first = run_folder(None, pair_sources(ir_dir, vis_dir).limit(2), out, run, device=torch.device("cpu"),
+                       write_summary=False)
+    assert [d["stem"] for d in first.done] == ["x", "y"]
+    (out / "x.png").unlink()
     (out / ".z.abc.png.part").write_bytes(b"half")  # a write that a kill interrupted: not an output
-    seen: list[list[str]] = []
-
-    def shard(pending: list[Pair]) -> list[Pair]:
-        seen.append([p.stem for p in pending])
-        return []  # another rank does them: nothing is fused here, so no model is needed
-
-    summary = run_folder(None, pair_sources(ir_dir, vis_dir), out, RunConfig(), device=torch.device("cpu"),
-                         shard=shard, write_summary=False)
-    assert seen == [["x", "z"]]
+    coordinator = _Shard()
+    summary = run_folder(None, pair_sources(ir_dir, vis_dir), out, run, device=torch.device("cpu"),
+                         coordinator=coordinator, write_summary=False)
+    assert coordinator.seen == [["x", "z"]]
     assert [s["stem"] for s in summary.skipped] == ["y"] and not summary.done and not summary.failed
     assert summary.complete and not (out / SUMMARY_NAME).exists()
+    assert not (out / ".z.abc.png.part").exists() and not (out / ".ddfm-fast.lock").exists()
     # Every pending pair lands on exactly one rank, whatever the world size.
     for world in (1, 2, 3, 5):
         shards = distributed.lpt_shards(["x", "z"], [64, 64], world)
@@ -139,7 +161,8 @@ def test_merge_summaries() -> None:
     doc = distributed.merge_summaries(parts, plan={"pairs": [2, 2], "pixels": [8, 5]}, backend="nccl")
     assert [d["stem"] for d in doc["done"]] == ["a", "b", "c"] and [d["rank"] for d in doc["done"]] == [0, 1, 0]
     assert doc["failed"] == [{"stem": "f", "reason": "bad", "rank": 1}]
-    assert doc["counts"] == {"pairs": 5, "done": 3, "skipped": 1, "failed": 1, "unpaired": 1, "ignored": 0}
+    assert doc["counts"] == {"pairs": 5, "done": 3, "skipped": 1, "failed": 1, "pending": 0, "unpaired": 1,
+                             "ignored": 0, "outputs": 0}
     assert doc["timing"]["wall_s"] == 4.0 and doc["timing"]["fusion_s"] == 2.5
     assert doc["timing"]["images_per_s"] == 1.0 + 2.0 and doc["timing"]["images_per_wall_s"] == 0.75
     ranks = doc["distributed"]["ranks"]
@@ -237,8 +260,10 @@ def test_torchrun_fuse_matches_single_process_and_reports_bad_pair(tmp_path: Pat
     _assert_same_outputs(out, single)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     s = _summary(out)
-    assert s["complete"] and s["counts"] == {"pairs": 6, "done": 5, "skipped": 0, "failed": 1, "unpaired": 0,
-                                             "ignored": 0}
+    assert s["complete"] and s["counts"] == {"pairs": 6, "done": 5, "skipped": 0, "failed": 1, "pending": 0,
+                                             "unpaired": 0, "ignored": 0, "outputs": 5}
+    assert sorted(s["outputs"]) == [f"{k}.png" for k in GOOD]  # each with what made it
+    assert not [p for p in out.iterdir() if p.name.startswith(".ddfm-fast")]  # journals and lock gone
     assert [d["stem"] for d in s["done"]] == GOOD  # each pair exactly once
     # The shards are LPT over the padded pixel counts (a, b, c: 64*64; d, e: 32*32; f unreadable: 0).
     stems = GOOD + [BAD]
@@ -263,12 +288,18 @@ def test_torchrun_fuse_matches_single_process_and_reports_bad_pair(tmp_path: Pat
 
 @torchrun_test
 def test_torchrun_resume_with_another_world_size(tmp_path: Path, dataset, single, model_args) -> None:
-    """A killed run left two outputs and a temporary file; three ranks finish it: no pair twice, none lost."""
+    """A killed run left two outputs with their journaled records and a temporary file; three ranks finish it: no
+    pair twice, none lost, the kill's records kept in the summary."""
     ir_dir, vis_dir = dataset
     out = tmp_path / "out"
     out.mkdir()
+    made = _summary(single)
+    journal = [{"journal": 1, "settings": made["settings_digest"],
+                "identity": made["identities"][made["settings_digest"]]}]
     for stem in ("a", "d"):
         shutil.copy2(single / f"{stem}.png", out / f"{stem}.png")
+        journal.append({"record": {**made["outputs"][f"{stem}.png"], "output": str(out / f"{stem}.png")}})
+    (out / ".ddfm-fast-journal.killed.jsonl").write_text("".join(json.dumps(j) + "\n" for j in journal))
     (out / ".b.k1ll3d.png.part").write_bytes(b"\x89PNG half written")
     before = {stem: (out / f"{stem}.png").stat().st_mtime_ns for stem in ("a", "d")}
     res = torchrun(3, ["fuse", "--ir-dir", str(ir_dir), "--vis-dir", str(vis_dir), "-o", str(out), *model_args])
@@ -281,7 +312,8 @@ def test_torchrun_resume_with_another_world_size(tmp_path: Path, dataset, single
     assert [d["stem"] for d in s["done"]] == ["b", "c", "e"] and [f["stem"] for f in s["failed"]] == [BAD]
     assert s["distributed"]["world_size"] == 3
     assert [r["pairs_assigned"] for r in s["distributed"]["ranks"]] == [1, 1, 2]  # b | c | e + f (LPT)
-    assert s["counts"]["pairs"] == 6
+    assert s["counts"]["pairs"] == 6 and sorted(s["outputs"]) == [f"{k}.png" for k in GOOD]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # journals, lock and the .part file gone
 
 
 def _eval_image(seed: int, hw: tuple[int, int]) -> Image.Image:
@@ -308,9 +340,21 @@ def test_torchrun_eval_matches_single_process(tmp_path: Path) -> None:
     assert one.exit_code == 0, one.output
     res = torchrun(2, [*args, "-o", str(tmp_path / "two")])
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("\nmean ") == 1  # rank 0 alone prints the table
+    assert res.stdout == one.stdout  # rank 0 alone prints the table, the one a single process prints
     for suffix in (".csv", ".json"):
         assert (tmp_path / f"two{suffix}").read_text() == (tmp_path / f"one{suffix}").read_text()
     doc = json.loads((tmp_path / "two.json").read_text())
-    assert sorted(doc["images"]) == ["a", "b", "d", "e"]
-    assert [s["image"] for s in doc["skipped"]] == ["c", "lonely"]
+    assert sorted(_first(doc, "images")) == ["a", "b", "d", "e"]
+    assert [s["image"] for s in _first(doc, "skipped")] == ["c", "lonely"]
+
+
+def _first(doc, key: str):
+    """The first value under ``key`` in a nested JSON document (the eval report may group it per method)."""
+    if isinstance(doc, dict):
+        if key in doc:
+            return doc[key]
+        for value in doc.values():
+            found = _first(value, key)
+            if found is not None:
+                return found
+    return None

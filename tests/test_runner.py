@@ -1,4 +1,4 @@
-"""``ddfm_fast.runner``: the run type, the resume identity derived from the configs, and the batching."""
+"""``ddfm_fast.runner``: the run type, the resume identity derived from the configs, resume decisions, batching."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddfm_fast.config import AccelConfig, SamplerConfig
+from ddfm_fast import api, outputs, resume
+from ddfm_fast.config import AccelConfig, ConfigError, SamplerConfig
 from ddfm_fast.pairing import Pair
 from ddfm_fast.plan import plan
 from ddfm_fast.runner import (
+    DEFAULT_PRIOR,
     RunConfig,
     StaleOutputsError,
-    check_resume,
     output_identity,
-    pending_pairs,
+    plan_resume,
     read_pair,
     size_buckets,
 )
@@ -30,8 +31,10 @@ def test_identity_is_every_sampler_field_and_the_output_fields() -> None:
     identity = run.identity(plan("cpu", run.accel))
     sampler_fields = {f.name for f in dataclasses.fields(SamplerConfig)}
     assert sampler_fields <= set(identity)  # a new SamplerConfig field is covered by being a field
-    assert set(identity) - sampler_fields == {"mode", "output", "resize", "checkpoint", "model_config", "unet_dtype"}
+    assert set(identity) - sampler_fields == {"mode", "output", "resize", "checkpoint", "model_config", "file_format",
+                                              "unet_dtype"}
     assert identity["unet_dtype"] == "bf16" and identity["checkpoint"] == "ddfm-small"  # None: the shipped prior
+    assert identity["file_format"] == "png"
     # Accelerations other than the dtype, and the batch size, change float rounding only.
     fast = dataclasses.replace(run, accel=AccelConfig(dtype="bf16", channels_last=True, backend="torch"), batch_size=4)
     assert fast.identity(plan("cpu", fast.accel)) == identity
@@ -41,6 +44,19 @@ def test_identity_is_every_sampler_field_and_the_output_fields() -> None:
     # The identity read back from a summary equals the one computed from the run.
     doc = json.loads(json.dumps({"settings": run.to_dict(), "plan": plan("cpu", run.accel).to_dict()}))
     assert output_identity(doc["settings"], doc["plan"]) == identity
+    assert DEFAULT_PRIOR == api.DEFAULT_PRIOR  # the runner names the shipped prior without importing the api
+
+
+def test_file_format_follows_the_output_kind() -> None:
+    assert RunConfig().suffix == ".png" and RunConfig(output="npy").suffix == ".npy"
+    assert RunConfig(output="png16", file_format="tiff").suffix == ".tif"
+    assert RunConfig(file_format="jpeg").suffix == ".jpg" and RunConfig(output="color", file_format="bmp").suffix == ".bmp"
+    with pytest.raises(ConfigError, match=r"16-bit raw output is written as \.png or \.tif, not \.jpg"):
+        RunConfig(output="png16", file_format="jpeg")
+    with pytest.raises(ConfigError, match="raw float output"):
+        RunConfig(output="npy", file_format="png")
+    with pytest.raises(ConfigError, match="colour output"):
+        RunConfig(output="color", file_format="npy")
 
 
 def test_model_names_are_absolute(tmp_path: Path, monkeypatch) -> None:
@@ -50,44 +66,135 @@ def test_model_names_are_absolute(tmp_path: Path, monkeypatch) -> None:
     assert RunConfig(checkpoint="adm256-uncond").to_dict()["run"]["checkpoint"] == "adm256-uncond"
 
 
-def _summary(out: Path, run: RunConfig, schema: int = SUMMARY_SCHEMA) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"schema": schema, "settings": run.to_dict(), "plan": plan("cpu", run.accel).to_dict()}
-    (out / SUMMARY_NAME).write_text(json.dumps(doc))
+# --------------------------------------------------------------------------------------------------- resume
 
 
-def test_check_resume(tmp_path: Path) -> None:
+def _pair_files(root: Path, stem: str, value: int = 100, size: tuple[int, int] = (40, 30)) -> Pair:
+    for side in ("ir", "vis"):
+        (root / side).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full(size[::-1], value, np.uint8)).save(root / side / f"{stem}.png")
+    return Pair.of(root / "ir" / f"{stem}.png", root / "vis" / f"{stem}.png")
+
+
+def _write_with_record(pair: Pair, dest: Path, run: RunConfig, identity: dict) -> dict:
+    """An output as a folder run writes it, with the record it journals."""
+    printed = outputs.write_output(np.full((30, 40), 7, np.uint8), dest, run.file_format)
+    return {"stem": pair.stem, "ir": str(pair.ir), "vis": str(pair.vis), "output": str(dest),
+            "settings": resume.settings_digest(identity),
+            "inputs_sha256": {"ir": outputs.fingerprint(pair.ir).sha256, "vis": outputs.fingerprint(pair.vis).sha256},
+            "output_sha256": printed.sha256, "output_bytes": printed.bytes}
+
+
+def _records(*recs: dict, identity: dict) -> resume.FolderRecords:
+    return resume.FolderRecords(outputs={Path(r["output"]).name: r for r in recs},
+                                identities={resume.settings_digest(identity): identity})
+
+
+def test_plan_resume_keeps_only_verified_outputs(tmp_path: Path) -> None:
     run = RunConfig(sampler=SamplerConfig(steps=3))
-    ident = run.identity(plan("cpu", run.accel))
-    assert check_resume(tmp_path, ident, kept=0) is None  # nothing kept, nothing to check
-    assert "no ddfm_summary.json" in check_resume(tmp_path, ident, kept=2)
-    _summary(tmp_path, run)
-    assert check_resume(tmp_path, ident, kept=2) is None
+    identity = run.identity(plan("cpu", run.accel))
+    out = tmp_path / "out"
+    out.mkdir()
+    pairs = {s: _pair_files(tmp_path, s) for s in ("good", "changed", "other", "empty", "text", "stray", "dir", "new")}
+    recs = [_write_with_record(pairs[s], out / f"{s}.png", run, identity) for s in ("good", "changed", "other")]
+    # "changed": its infrared file was edited since; "other": made from another data set's files of that stem.
+    Image.fromarray(np.full((30, 40), 5, np.uint8)).save(pairs["changed"].ir)
+    recs[2] = {**recs[2], "ir": str(tmp_path / "elsewhere/ir/other.png"), "inputs_sha256": {"ir": "0" * 64,
+                                                                                         "vis": "1" * 64}}
+    (out / "empty.png").write_bytes(b"")
+    (out / "text.png").write_text("not an image")
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(out / "stray.png")  # an image no record accounts for
+    (out / "dir.png").mkdir()
+    decided = plan_resume(pairs.values(), out, run, identity, _records(*recs, identity=identity))
+    assert [p.stem for p in decided.todo] == ["changed", "empty", "text", "new"]
+    assert [s["stem"] for s in decided.skipped] == ["good"] and "good.png" in decided.kept
+    reasons = {f["stem"]: f["reason"] for f in decided.refused}
+    assert sorted(reasons) == ["dir", "other", "stray"]
+    assert "was made from other input files" in reasons["other"] and "elsewhere" in reasons["other"]
+    assert "no record in the folder says what made it" in reasons["stray"] and "--overwrite" in reasons["stray"]
+    assert "is a folder" in reasons["dir"]
+    replaced = {r["stem"]: r["reason"] for r in decided.replaced}
+    assert "its input changed" in replaced["changed"] and "ir file's bytes differ" in replaced["changed"]
+    assert "is empty (0 bytes)" in replaced["empty"] and "does not open as png" in replaced["text"]
+    # The output changed after it was written (a byte flipped): no longer verified, and not replaced either.
+    data = bytearray((out / "good.png").read_bytes())
+    data[-20] ^= 0xFF
+    (out / "good.png").write_bytes(bytes(data))
+    again = plan_resume([pairs["good"]], out, run, identity, _records(*recs, identity=identity))
+    assert not again.skipped and "changed since ddfm-fast wrote it" in again.refused[0]["reason"]
+    # --overwrite redoes everything that can be replaced; a folder in the way still fails its pair.
+    forced = plan_resume(pairs.values(), out, run, identity, _records(*recs, identity=identity), overwrite=True)
+    assert [f["stem"] for f in forced.refused] == ["dir"] and len(forced.todo) == len(pairs) - 1
+
+
+def test_plan_resume_refuses_outputs_of_other_settings(tmp_path: Path) -> None:
+    run = RunConfig(sampler=SamplerConfig(steps=3))
+    identity = run.identity(plan("cpu", run.accel))
+    out = tmp_path / "out"
+    out.mkdir()
+    pairs = [_pair_files(tmp_path, s) for s in "ab"]
+    recs = [_write_with_record(p, out / f"{p.stem}.png", run, identity) for p in pairs]
     other = RunConfig(sampler=SamplerConfig(steps=3, seed=1, lamb=0.25))
     with pytest.raises(StaleOutputsError, match=r"2 output\(s\) made with other settings \(lamb 0.5 -> 0.25; "
                                                 r"seed 3407 -> 1\); rerun with --overwrite"):
-        check_resume(tmp_path, other.identity(plan("cpu", other.accel)), kept=2)
-    _summary(tmp_path, run, schema=1)
-    with pytest.raises(StaleOutputsError, match="schema 1"):
-        check_resume(tmp_path, ident, kept=1)
+        plan_resume(pairs, out, other, other.identity(plan("cpu", other.accel)), _records(*recs, identity=identity))
+    for problem in ("x.json was written by another version", "x.json cannot be read"):
+        with pytest.raises(StaleOutputsError, match="cannot be checked"):
+            plan_resume(pairs, out, run, identity, resume.FolderRecords(problem=problem))
+
+
+def test_load_records_reads_summaries_and_journals(tmp_path: Path) -> None:
+    assert resume.load_records(tmp_path, SUMMARY_NAME).problem is None  # an empty folder
+    (tmp_path / SUMMARY_NAME).write_text(json.dumps({"schema": 2}))
+    assert "schema 2" in resume.load_records(tmp_path, SUMMARY_NAME).problem
     (tmp_path / SUMMARY_NAME).write_text("{broken")
-    with pytest.raises(StaleOutputsError, match="cannot be read"):
-        check_resume(tmp_path, ident, kept=1)
+    assert "cannot be read" in resume.load_records(tmp_path, SUMMARY_NAME).problem
+    doc = {"schema": SUMMARY_SCHEMA, "outputs": {"a.png": {"output": "a.png", "stem": "a"}}, "identities": {},
+           "runs": [{"started": "t0"}]}
+    (tmp_path / SUMMARY_NAME).write_text(json.dumps(doc))
+    journal = resume.Journal(tmp_path, "t1-1-r0", {"seed": 1}, "d1")
+    journal.append({"output": str(tmp_path / "b.png"), "stem": "b"})
+    journal.close()
+    with open(journal.path, "a") as fh:
+        fh.write('{"record": {"output": "c.pn')  # a write cut by a kill
+    records = resume.load_records(tmp_path, SUMMARY_NAME)
+    assert records.problem is None and set(records.outputs) == {"a.png"} and set(records.journaled) == {"b.png"}
+    assert records.identities == {"d1": {"seed": 1}} and records.runs == [{"started": "t0"}]
+    assert set(records.all_records()) == {"a.png", "b.png"}
+
+
+def test_stale_parts_are_removed(tmp_path: Path) -> None:
+    (tmp_path / ".a.k1ll3d.png.part").write_bytes(b"half")
+    (tmp_path / ".ddfm_summary.x.json.part").write_bytes(b"{")
+    (tmp_path / "keep.part").write_bytes(b"a user's file: not hidden, not ours")
+    (tmp_path / ".dir.part").mkdir()
+    assert resume.remove_stale_parts(tmp_path) == [".a.k1ll3d.png.part", ".ddfm_summary.x.json.part"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dir.part", "keep.part"]
+
+
+def test_folder_lock_excludes_a_second_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with resume.FolderLock(out) as lock:
+        assert lock.held and (out / resume.LOCK_NAME).exists()
+        info = json.loads((out / resume.LOCK_NAME).read_text())
+        with pytest.raises(resume.FolderBusyError, match=rf"output folder {out} is being written by another "
+                                                         rf"ddfm-fast run \(pid {info['pid']} on "):
+            resume.FolderLock(out).acquire()  # its own open file description: flock locks it out
+    assert not out.exists()  # created by the lock, left empty: removed again
+    out.mkdir()
+    with resume.FolderLock(out):
+        (out / "x.png").write_bytes(b"1")
+    assert [p.name for p in out.iterdir()] == ["x.png"]  # the lock file goes, the folder and outputs stay
+    with resume.FolderLock(out):  # free again
+        pass
 
 
 def test_pending_pairs_and_size_buckets(tmp_path: Path) -> None:
-    sizes = {"a": (40, 30), "b": (50, 20), "c": (70, 30), "d": (40, 30), "e": (33, 33)}
-    for stem, (w, h) in sizes.items():
-        for side in ("ir", "vis"):
-            (tmp_path / side).mkdir(exist_ok=True)
-            Image.fromarray(np.full((h, w), 100, np.uint8)).save(tmp_path / side / f"{stem}.png")
-    pairs = [Pair.of(tmp_path / "ir" / f"{s}.png", tmp_path / "vis" / f"{s}.png") for s in sizes]
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out/e.png").write_bytes(b"done")
-    todo, skipped = pending_pairs(pairs, tmp_path / "out", ".png", overwrite=False)
-    assert [p.stem for p in todo] == list("abcd") and [s["stem"] for s in skipped] == ["e"]
-    assert len(pending_pairs(pairs, tmp_path / "out", ".png", overwrite=True)[0]) == 5
-    items = [read_pair(p, RunConfig()) for p in todo]
+    sizes = {"a": (40, 30), "b": (50, 20), "c": (70, 30), "d": (40, 30)}
+    pairs = [_pair_files(tmp_path, s, size=wh) for s, wh in sizes.items()]
+    items = [read_pair(p, RunConfig()) for p in pairs]
     assert [i.model_hw for i in items] == [(32, 64), (32, 64), (32, 96), (32, 64)]
+    assert items[0].inputs_sha256 == {"ir": outputs.fingerprint(pairs[0].ir).sha256,
+                                      "vis": outputs.fingerprint(pairs[0].vis).sha256}
     batches = [[i.pair.stem for i in b] for b in size_buckets(items, 2)]
     assert batches == [["a", "b"], ["c"], ["d"]]  # a full bucket goes at once, the rest at the end
