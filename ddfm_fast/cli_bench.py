@@ -79,6 +79,31 @@ def _print_forecast(log, rows: list[dict], budget_s: float, tests_s: float) -> N
         log(f"  {f['row']:<46} {f['size']:>9} b{f['batch']:<2} ~{f['predicted_s']:6.0f} s  {end}  [{f['how']}]")
 
 
+def _arm_hard_limit(limit_s: float, started: float, progress: dict, save, log):
+    """At ``limit_s`` after ``started``: write the report (the row running then listed as stopped), exit 124.
+
+    A row cannot be interrupted safely from inside (a compile, a CUDA call), so a watchdog thread writes the
+    report with what was measured and ends the process; its subprocesses (inductor's compile workers) end with it.
+    """
+    import threading
+
+    def stop() -> None:
+        results, pending = progress["results"], progress["pending"]
+        log(f"ddfm-fast bench: the hard limit of {limit_s:g} s is reached; writing the report and stopping"
+            + (f" (running: {progress.get('running') or pending[0].name})" if pending else ""))
+        running = progress.get("running") or (pending[0].name if pending else None)
+        save(results, pending, False, stopped_at_hard_limit_s=limit_s, stopped_while=running,
+             stopped=None if progress.get("running") else f"stopped: the hard limit of {limit_s:g} s came while "
+                                                           "this row ran")
+        sys.stderr.flush()
+        os._exit(124)
+
+    timer = threading.Timer(max(0.0, limit_s - (time.perf_counter() - started)), stop)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 @click.command("bench")
 @click.option("--suite", type=click.Choice(["gpu", "cpu", "quick"]), default="gpu", show_default=True,
               help="gpu: the GPU correctness tests, then the rows with the paper-size model (needs CUDA; ends "
@@ -103,12 +128,17 @@ def _print_forecast(log, rows: list[dict], budget_s: float, tests_s: float) -> N
                    "included), else it is skipped and the report says why (default: the suite's; gpu 480).")
 @click.option("--tests-timeout-s", type=click.FloatRange(min=1), default=240.0, show_default=True,
               help="gpu suite: stop the correctness tests after this long (reported as failed, exit code 124).")
+@click.option("--hard-limit-s", type=click.FloatRange(min=1), default=None,
+              help="Stop the command this many seconds after its start whatever runs, writing the report first "
+                   "(the row then running is listed as stopped; exit code 124). Default: gpu 540 (9 minutes), "
+                   "none for the other suites.")
 @click.option("--max-autotune", is_flag=True,
               help="gpu suite: add a last row with inductor's max-autotune (a compile of several minutes).")
 @click.option("--channels-last", is_flag=True, help="gpu suite: add a last row with channels_last.")
 def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dry_run: bool, no_tests: bool,
                   device: Optional[str], upstream: Optional[Path], budget_s: Optional[float],
-                  tests_timeout_s: float, max_autotune: bool, channels_last: bool) -> None:
+                  tests_timeout_s: float, hard_limit_s: Optional[float], max_autotune: bool,
+                  channels_last: bool) -> None:
     """Check and time the fast path: the GPU correctness tests, then rows in priority order (fp32 reference,
     fp16 + compile + Triton tail + CUDA graphs at 480x640, without graphs, fp16 eager, the step tail alone, TF32,
     256x256, 1280x1024, batch 8), each with its time, rate, compile time, peak memory and PSNR against true fp32.
@@ -117,6 +147,7 @@ def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dr
     `pip install --no-deps --no-build-isolation -e . && ddfm-fast bench --suite gpu --reference .gpu-reference
     -o REPORT.json`. The report (JSON) names the device, versions, float32 switches, sizes and date.
     """
+    started = time.perf_counter()  # the budget and the hard limit count from here, imports included
     if dry_run and suite != "gpu":
         raise click.UsageError("--dry-run previews the gpu suite on this machine; use it with --suite gpu")
     if (max_autotune or channels_last) and suite != "gpu":
@@ -149,7 +180,6 @@ def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dr
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise click.ClickException("the gpu suite needs a CUDA device; torch sees none (use --dry-run to check the "
                                    "plan on this CPU, or --suite cpu)")
-    started = time.perf_counter()
     env = benchmarks.environment()
     log(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, python {env['python']}")
     plan = benchmarks.plan_for(suite, upstream=upstream is not None, max_autotune=max_autotune,
@@ -173,13 +203,16 @@ def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dr
                                             "not the gpu suite" if suite != "gpu" else "--no-tests")}
     jobs = plan.jobs()
 
-    def save(results: list, pending: list, complete: bool, **extra: object) -> dict:
+    def save(results: list, pending: list, complete: bool, *, stopped: Optional[str] = None,
+             **extra: object) -> dict:
         # Rewritten (atomically) after the tests and after every row: a run stopped by a time limit keeps its
-        # measurements, marked "complete": false, and lists the rows it had not reached.
+        # measurements, marked "complete": false, and lists the rows it had not reached. ``stopped`` says why the
+        # first pending row (the one running) did not finish.
         not_run = [{"row": r.row, "size": r.size, "batch": r.batch, "why": r.skipped}
                    for r in results if r.status == "skipped"]
         not_run += [{"row": r.name, "size": "x".join(map(str, r.size)), "batch": r.batch,
-                     "why": "not reached: the command stopped before this row"} for r in pending]
+                     "why": stopped if i == 0 and stopped else "not reached: the command stopped before this row"}
+                    for i, r in enumerate(pending)]
         payload = benchmarks.results_payload(
             results, suite=suite, dry_run=dry_run, command=" ".join(["ddfm-fast", *sys.argv[1:]]), steps=plan.steps,
             budget_s=plan.budget_s, tests=tests, complete=complete,
@@ -191,16 +224,29 @@ def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dr
         benchmarks.write_report(out, payload)
         return payload
 
-    save([], list(jobs), False)  # a report exists from the start, whatever stops the run
-    if run_tests:
-        log(("collecting" if dry_run else "running") + f" the GPU tests ({lookup.describe()})")
-        tests = _run_gpu_tests(log, tests_timeout_s, lookup, collect_only=dry_run)
-        save([], list(jobs), False)
-    # The budget counts from the command's start, tests included.
-    results = benchmarks.run_plan(plan, dev, log=log, upstream=upstream, start=started,
-                                  on_result=lambda so_far, pending: save(so_far, pending, False))
-    extra = {"whole_command": _whole_command_seconds(log)} if suite == "cpu" else {}
-    payload = save(results, [], True, **extra)
+    progress: dict = {"results": [], "pending": list(jobs)}
+
+    def on_result(so_far: list, pending: list) -> None:
+        progress.update(results=list(so_far), pending=list(pending))
+        save(so_far, pending, False)
+
+    limit = hard_limit_s if hard_limit_s is not None else (540.0 if suite == "gpu" else None)
+    watchdog = None if limit is None else _arm_hard_limit(limit, started, progress, save, log)
+    try:
+        save([], list(jobs), False)  # a report exists from the start, whatever stops the run
+        if run_tests:
+            log(("collecting" if dry_run else "running") + f" the GPU tests ({lookup.describe()})")
+            progress["running"] = "the GPU tests"
+            tests = _run_gpu_tests(log, tests_timeout_s, lookup, collect_only=dry_run)
+            progress["running"] = None
+            save([], list(jobs), False)
+        # The budget counts from the command's start, tests included.
+        results = benchmarks.run_plan(plan, dev, log=log, upstream=upstream, start=started, on_result=on_result)
+        extra = {"whole_command": _whole_command_seconds(log)} if suite == "cpu" else {}
+        payload = save(results, [], True, **extra)
+    finally:
+        if watchdog is not None:  # the command is over (or failed): the watchdog must not fire later
+            watchdog.cancel()
     failed = [r for r in results if r.status == "failed"]
     skipped = [r for r in results if r.status == "skipped"]
     for r in skipped:
@@ -212,7 +258,8 @@ def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dr
             state = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
             log(f"target {t['target']}: {t['value']} ({t['bound']}) {state}")
     tests_failed = run_tests and not tests.get("ok", False)
-    log(f"report: {out} ({payload['total_seconds']} s; {len(results) - len(failed) - len(skipped)} rows ok, "
-        f"{len(failed)} failed, {len(skipped)} not run; tests {'FAILED' if tests_failed else 'ok' if run_tests else 'not run'})")
+    ok = len(results) - len(failed) - len(skipped)
+    log(f"report: {out} ({payload['total_seconds']} s; {ok} rows ok, {len(failed)} failed, {len(skipped)} not run; "
+        f"tests {'FAILED' if tests_failed else 'ok' if run_tests else 'not run'})")
     if tests_failed or failed:
         raise SystemExit(1)

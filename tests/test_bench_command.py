@@ -253,7 +253,7 @@ def test_dry_run_of_the_gpu_suite_on_cpu(tmp_path, reference_dir):
     goldens found, the forecast printed; what a GPU session runs, minus the GPU."""
     out = tmp_path / "dry.json"
     res = CliRunner().invoke(main, ["bench", "--suite", "gpu", "--dry-run", "--reference", str(reference_dir),
-                                    "--budget-s", "100000", "-o", str(out)])
+                                    "--budget-s", "100000", "--hard-limit-s", "100000", "-o", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert report["dry_run"] is True and report["complete"] is True and report["not_run"] == []
@@ -278,3 +278,19 @@ def test_dry_run_of_the_gpu_suite_on_cpu(tmp_path, reference_dir):
     assert len(tails) == 2 and all(t["step_s"] > 0 and t["effective_gbps"] > 0 for t in tails)
     # The batch-8 row's first image has the reference's inputs: it is compared with the reference too.
     assert rows[-1]["batch"] == 8 and rows[-1]["psnr_vs_fp32_db"] is not None
+
+
+def test_the_hard_limit_writes_the_report_and_stops_the_command(tmp_path):
+    """A watchdog ends the command at --hard-limit-s whatever runs, after writing the report (in a subprocess:
+    it ends the process)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "h.json"
+    proc = subprocess.run([sys.executable, "-m", "ddfm_fast", "bench", "--suite", "quick", "--hard-limit-s", "1",
+                           "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 124, proc.stderr
+    assert "the hard limit of 1 s is reached; writing the report and stopping" in proc.stderr
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and report["stopped_at_hard_limit_s"] == 1
+    assert len(report["rows"]) + len(report["not_run"]) >= len(benchmarks.plan_for("quick").jobs())
