@@ -208,13 +208,23 @@ def unet_flops(config: UNetConfig, batch: int, height: int, width: int) -> int:
     if key not in _FLOPS:
         from torch.utils.flop_counter import FlopCounterMode
 
-        with torch.device("meta"):
-            model = UNetModel(config)
-            x = torch.zeros(batch, 3, height, width)
-            t = torch.zeros(batch, dtype=torch.long)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(x, t)
-        _FLOPS[key] = int(counter.get_total_flops())
+        try:
+            with torch.device("meta"):
+                model = UNetModel(config)
+                x = torch.zeros(batch, 3, height, width)
+                t = torch.zeros(batch, dtype=torch.long)
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                model(x, t)
+            _FLOPS[key] = int(counter.get_total_flops())
+        except Exception as exc:  # noqa: BLE001 - the gate must not stop the suite; say so, use an estimate
+            if config != ADM256_UNCOND_CONFIG:
+                raise
+            # DESIGN.md: 10.7 TFLOP per forward at 480x640 (counted with torch 2.13), scaled by the pixel count.
+            import warnings
+
+            warnings.warn(f"ddfm-fast bench: counting the UNet's FLOPs failed ({type(exc).__name__}: {exc}); "
+                          "using 10.7 TFLOP per 480x640 image scaled by pixels", RuntimeWarning, stacklevel=2)
+            _FLOPS[key] = int(10.7e12 * batch * height * width / (480 * 640))
     return _FLOPS[key]
 
 

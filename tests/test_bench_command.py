@@ -56,7 +56,9 @@ def _switches(r: Row) -> dict:
             "tail": a.backend, "channels_last": a.channels_last, "tf32": r.tf32, "size": r.size, "batch": r.batch}
 
 
-def test_gpu_rows_in_priority_order_each_one_switch_from_its_parent():
+def test_gpu_waterfall_adds_one_acceleration_per_row():
+    """The gpu rows in priority order; each row with a parent differs from it by exactly one switch (dtype, compile,
+    mode, graphs, tail, channels_last, TF32, size or batch); max-autotune and channels_last only on request."""
     jobs = benchmarks.GPU_PLAN.jobs()
     assert [(r.name, r.size, r.batch) for r in jobs] == [
         (REFERENCE, (480, 640), 1), (HEADLINE, (480, 640), 1), ("fast without CUDA graphs", (480, 640), 1),
@@ -250,7 +252,7 @@ def test_dry_run_options_are_checked(tmp_path):
 @pytest.mark.slow
 def test_dry_run_of_the_gpu_suite_on_cpu(tmp_path, reference_dir):
     """The whole gpu plan on this CPU with the tiny model: same rows, same order, the tests collected with the
-    goldens found, the forecast printed; what a GPU session runs, minus the GPU."""
+    goldens found, the forecast printed; what a GPU machine runs, minus the GPU."""
     out = tmp_path / "dry.json"
     res = CliRunner().invoke(main, ["bench", "--suite", "gpu", "--dry-run", "--reference", str(reference_dir),
                                     "--budget-s", "100000", "--hard-limit-s", "100000", "-o", str(out)])
