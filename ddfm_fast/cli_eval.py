@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import click
+import numpy as np
 from tqdm import tqdm
 
 from ddfm_fast import cli_options as opts
@@ -46,7 +47,7 @@ def _bar(desc: str, show: bool = True) -> Any:
                               leave=False)
 
 
-def _metric_list(text: Optional[str]) -> list[str]:
+def metric_list(text: Optional[str]) -> list[str]:
     """``--metrics EN,SD,Qabf`` (case-insensitive) in the given order; all twelve when omitted."""
     if not text:
         return list(METRIC_NAMES)
@@ -118,7 +119,7 @@ def eval_command(fused_specs: tuple[str, ...], ir_dir: Optional[Path], vis_dir: 
     mode, a_dir, b_dir = opts.mode_and_folders(mode, dict(ir_dir=ir_dir, vis_dir=vis_dir, func_dir=func_dir,
                                                           mri_dir=mri_dir))
     opts.require_both(mode, a_dir, b_dir, what=f"eval --mode {mode}")
-    shown = _metric_list(metric_names)
+    shown = metric_list(metric_names)
     try:
         methods = ev.parse_methods(fused_specs)
     except ev.MethodSpecError as exc:
@@ -233,7 +234,12 @@ def _end_eval_session(ctx: Any, code: Optional[int]) -> None:
 @click.argument("dir2", type=_DIR)
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write per-image results, the mean and the worst image to this JSON file.")
-def compare_command(dir1: Path, dir2: Path, out: Optional[Path]) -> None:
+@click.option("--diff-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write a difference picture for each of the --worst pairs into this folder: DIR1 | DIR2 | "
+                   "|DIR1 - DIR2| stretched so that the largest difference is white, labelled.")
+@click.option("--worst", "worst_count", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many of the most different pairs --diff-dir shows.")
+def compare_command(dir1: Path, dir2: Path, out: Optional[Path], diff_dir: Optional[Path], worst_count: int) -> None:
     """Compare two output sets paired by stem: PSNR, SSIM, max-abs.
 
     Both are read as grey levels 0..255 (read as the evaluator does, so colour differences that cancel in
@@ -258,9 +264,36 @@ def compare_command(dir1: Path, dir2: Path, out: Optional[Path]) -> None:
                    if worst else "worst: none, all images are identical")
     report_skipped(skipped)
     click.echo(f"compared {len(rows)} pair(s), skipped {len(skipped)}", err=True)
+    if diff_dir is not None and rows:
+        _difference_pictures(pairing, rows, (dir1, dir2), diff_dir, worst_count)
     if out is not None:
         ev.write_text(out, ev.dump_json(doc))
         click.echo(f"wrote {out}", err=True)
     if not rows:
         raise SystemExit(1)
+
+
+def _difference_pictures(pairing: Any, rows: ev.Rows, dirs: tuple[Path, Path], diff_dir: Path, worst: int) -> None:
+    """``compare --diff-dir``: DIR1 | DIR2 | stretched |difference| for the most different pairs."""
+    from ddfm_fast.metrics import read_gray_eval
+    from ddfm_fast.montage import difference_image, montage_row, save_image
+
+    files = {p.stem: p.files for p in pairing.pairs}
+    stems = ev.worst_pairs(rows, worst)
+    if not stems:
+        click.echo(f"no difference pictures: every pair is identical (nothing written to {diff_dir})", err=True)
+        return
+    for stem in stems:
+        a, b = files[stem]["DIR1"], files[stem]["DIR2"]
+        # The grey levels compare measured (the evaluator's reading), so the picture's peak is max-abs.
+        diff, gain = difference_image(read_gray_eval(a).astype(np.uint8), read_gray_eval(b).astype(np.uint8))
+        r = rows[stem]
+        label = (f"|difference| x{gain:.3g}: max {r['max_abs']:g} levels, PSNR {r['PSNR']:.2f} dB, "
+                 f"SSIM {r['SSIM']:.4f}")
+        # At the images' own size: a difference of one pixel must stay one pixel.
+        pic = montage_row([(a, f"{dirs[0].name}/{a.name}"), (b, f"{dirs[1].name}/{b.name}"), (diff, label)],
+                          height=diff.height)
+        save_image(pic, diff_dir / f"{stem}.png")
+    click.echo(f"difference pictures of the {len(stems)} most different pair(s) ({', '.join(stems)}) in "
+               f"{diff_dir}", err=True)
 

@@ -20,6 +20,7 @@ import click
 from ddfm_fast import cli_options as opts
 from ddfm_fast.pairing import InputError, Pair, Pairing, Roles, pair_sources, roles
 from ddfm_fast.runner import PairError, RunConfig, run_folder, run_single
+from ddfm_fast.samples import EXAMPLES
 from ddfm_fast.summary import SUMMARY_NAME, versions
 
 # Exit codes of `fuse`: 0 all pairs fused (or skipped), 1 an error stopped the run (click's default),
@@ -30,6 +31,8 @@ EXIT_PAIRS_FAILED = opts.EXIT_PAIRS_FAILED
 _FUSE_HELP = """Fuse image pairs with DDFM.
 
 \b
+Try it:     ddfm-fast fuse --example -o fused.png   (a shipped MSRS pair;
+            --example mif: a shipped Harvard PET + MRI pair)
 One pair:   ddfm-fast fuse IR VIS -o OUT.png
 Folders:    ddfm-fast fuse --ir-dir A --vis-dir B -o OUTDIR
 Medical:    ddfm-fast fuse --mode mif --func-dir CT --mri-dir MRI -o OUTDIR
@@ -76,9 +79,17 @@ Outputs (all written atomically: temporary file + rename):
 --save-progress writes, per step, what the official p_sample_loop(record=True)
 writes: x_<idx>.png, the luminance of the step's output x_{t-1}, min-max
 scaled and truncated to 8 bits; beside it x0_<idx>.png, the step's EM-rectified
-estimate x0' (same conversion), and diffusion.gif of the x_<idx> frames. Into
+estimate x0' (same conversion). idx counts down as in the official code: step
+j of N writes idx N-j, so x_0000.png is the last step. For people: diffusion.gif
+(the x_{t-1} frames) and progress_strip.png (up to 8 steps, x_{t-1} above x0'),
+each frame labelled with its step and the UNet's timestep t. Into
 OUT-stem_progress/ beside OUT, or --progress-dir. Folder runs allow it only when
 the folders hold exactly one pair (default folder: OUTDIR_progress/).
+
+\b
+--montage writes, per pair, the two sources and the fusion side by side,
+labelled with their roles and the method (prior, steps): OUT-stem_montage.png
+beside OUT, or OUTDIR_montage/<stem>.png for folder runs.
 
 \b
 The execution plan (how the step runs: tail backend, dtype, compile, CUDA
@@ -233,6 +244,8 @@ OUTPUT_OPTIONS: list[opts.Spec] = [
      help="Per-step images: the official x_<idx>.png (x_{t-1}), x0_<idx>.png (x0') and a GIF (one pair only).")),
     (("--progress-dir",), dict(type=_PATH, help="Folder for --save-progress images.")),
     opts.FORMAT_OPTION,
+    (("--montage",), dict(is_flag=True,
+     help="Also write a labelled picture per pair: the two sources and the fusion side by side (see above).")),
 ]
 
 
@@ -249,6 +262,9 @@ OUTPUT_OPTIONS: list[opts.Spec] = [
 @click.option("--vis-dir", type=_PATH, help="Folder of visible images (ivf).")
 @click.option("--func-dir", type=_PATH, help="Folder of CT, PET or SPECT images (mif).")
 @click.option("--mri-dir", type=_PATH, help="Folder of MRI images (mif).")
+@click.option("--example", type=click.Choice(sorted(EXAMPLES)), is_flag=False, flag_value="ivf", default=None,
+              help="Fuse a sample pair shipped in the package: ivf (default: MSRS 00004N, infrared + visible) or "
+                   "mif (Harvard slice 11, PET + MRI); no image arguments.")
 @opts.model_options
 @opts.sampler_options
 @opts.option_group("outputs", OUTPUT_OPTIONS)
@@ -259,9 +275,12 @@ OUTPUT_OPTIONS: list[opts.Spec] = [
 @opts.friendly_errors
 def fuse_command(ctx: click.Context, ir: Optional[Path], vis: Optional[Path], out: Path, mode: Optional[str],
                  ir_dir: Optional[Path], vis_dir: Optional[Path], func_dir: Optional[Path], mri_dir: Optional[Path],
-                 model: dict[str, Any], sampler: dict[str, Any], outputs: dict[str, Any], run: dict[str, Any],
-                 accel: dict[str, Any]) -> None:
-    job = _job(mode, ir, vis, dict(ir_dir=ir_dir, vis_dir=vis_dir, func_dir=func_dir, mri_dir=mri_dir), out)
+                 example: Optional[str], model: dict[str, Any], sampler: dict[str, Any], outputs: dict[str, Any],
+                 run: dict[str, Any], accel: dict[str, Any]) -> None:
+    dirs = dict(ir_dir=ir_dir, vis_dir=vis_dir, func_dir=func_dir, mri_dir=mri_dir)
+    if example is not None:
+        mode, ir, vis = _example(example, mode, ir, vis, dirs)
+    job = _job(mode, ir, vis, dirs, out)
     output, output_flag, resize = _output_kind(ctx, outputs)
     if job.pair is not None and job.out.is_dir():
         raise click.BadParameter(f"{job.out} is a folder; give the output file for one pair", param_hint="-o/--output")
@@ -272,17 +291,66 @@ def fuse_command(ctx: click.Context, ir: Optional[Path], vis: Optional[Path], ou
     try:
         if job.pair is not None:
             _check_single(job, cfg)
-            _fuse_one(job, cfg, run, _progress_dir(job, None, outputs, cfg))
+            _fuse_one(job, cfg, run, _progress_dir(job, None, outputs, cfg), montage=outputs["montage"])
         else:
             pairing = _pair_folders(job)
             progress_dir = _progress_dir(job, pairing, outputs, cfg)
             extra = {"paper": bool(model["paper"]), "overwrite": bool(run["overwrite"])}
-            ctx.exit(_fuse_folders(job, pairing, cfg, run, progress_dir, extra))
+            ctx.exit(_fuse_folders(job, pairing, cfg, run, progress_dir, extra, montage=outputs["montage"]))
     except InputError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-def _fuse_one(job: Job, cfg: RunConfig, run: dict[str, Any], progress_dir: Optional[Path]) -> None:
+def _example(kind: str, mode: Optional[str], ir: Optional[Path], vis: Optional[Path],
+             dirs: dict[str, Optional[Path]]) -> tuple[str, Path, Path]:
+    """``--example KIND``: the mode and the two files of a sample pair shipped in the package."""
+    from ddfm_fast.samples import example_pair
+
+    if ir is not None or vis is not None or any(d is not None for d in dirs.values()):
+        raise click.UsageError("--example fuses a shipped sample pair; give no images or folders with it")
+    if mode is not None and mode != kind:
+        raise click.UsageError(f"--example {kind} is a {kind} pair, but --mode is {mode}")
+    try:
+        ir_path, vis_path = example_pair(kind)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return kind, ir_path, vis_path
+
+
+def _montage_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_montage.png")
+
+
+def _write_montages(records: list[dict[str, Any]], roles_: Roles, method: str, folder: Optional[Path],
+                    single: Optional[Path] = None) -> None:
+    """``--montage``: a labelled sources | fusion picture per record of the run (its ir, vis and output)."""
+    from ddfm_fast.io import ImageReadError
+    from ddfm_fast.montage import pair_montage, save_image
+
+    written = []
+    for rec in records:
+        ir, vis, fused = Path(rec[roles_.ir]), Path(rec[roles_.vis]), Path(rec["output"])
+        dest = single if single is not None else folder / f"{rec['stem']}.png"  # type: ignore[operator]
+        try:
+            img = pair_montage(ir, vis, fused, ir_label=f"{roles_.ir_name}: {ir.name}",
+                               vis_label=f"{roles_.vis_name}: {vis.name}", method=method)
+        except (ImageReadError, ValueError) as exc:
+            click.echo(f"montage of {rec['stem']} not written: {exc}", err=True)
+            continue
+        written.append(save_image(img, dest))
+    if written:
+        click.echo(f"montage: {written[0]}" if single is not None else
+                   f"montages: {len(written)} in {folder}", err=True)
+
+
+def _method(cfg: RunConfig, steps: Optional[int]) -> str:
+    from ddfm_fast.montage import method_label
+
+    return method_label(cfg.sampler.prior, cfg.checkpoint, steps)
+
+
+def _fuse_one(job: Job, cfg: RunConfig, run: dict[str, Any], progress_dir: Optional[Path],
+              montage: bool = False) -> None:
     if _dist_env() is not None:
         raise click.UsageError("torchrun shards folder runs (--ir-dir/--vis-dir); fuse a single pair without "
                                "torchrun")
@@ -305,10 +373,13 @@ def _fuse_one(job: Job, cfg: RunConfig, run: dict[str, Any], progress_dir: Optio
     if "progress" in done.record:
         say.info(f"progress images: {done.record['progress']}")
     say.event({"event": "pair", "status": "done", **done.record})
+    if montage:
+        _write_montages([done.record], job.roles, _method(cfg, cfg.for_model(model).sampler.num_steps()), None,
+                        single=_montage_path(job.out))
 
 
 def _fuse_folders(job: Job, pairing: Pairing, cfg: RunConfig, run: dict[str, Any], progress_dir: Optional[Path],
-                  extra: dict[str, Any]) -> int:
+                  extra: dict[str, Any], montage: bool = False) -> int:
     """A folder run, in one process or as one torchrun rank; returns the exit code."""
     from ddfm_fast import distributed
 
@@ -326,6 +397,8 @@ def _fuse_folders(job: Job, pairing: Pairing, cfg: RunConfig, run: dict[str, Any
                                             cfg, failed_code=EXIT_PAIRS_FAILED, bar=bar, **args)
         if doc is not None:
             _report_distributed(doc, job.out, env.world_size)
+            if montage:
+                _folder_montages(doc, pairing, job, cfg)
             _report_end(doc, job.out, code)
         return code
     with FolderLock(job.out) as lock:  # a second run into this folder stops here, before loading a model
@@ -334,6 +407,8 @@ def _fuse_folders(job: Job, pairing: Pairing, cfg: RunConfig, run: dict[str, Any
     doc = summary.to_dict()
     doc["write_error"] = summary.write_error
     _report(doc, job.out)
+    if montage:
+        _folder_montages(doc, pairing, job, cfg)
     code = (opts.EXIT_ERROR if summary.stopped or summary.write_error
             else EXIT_PAIRS_FAILED if summary.failed else opts.EXIT_OK)
     _report_end(doc, job.out, code)
@@ -353,6 +428,17 @@ def _report_end(doc: dict[str, Any], out: Path, code: int) -> None:
     say.event({"event": "end", "exit_code": code, "counts": doc["counts"], "summary": str(out / SUMMARY_NAME),
                **({"stopped": doc["stopped"]} if doc.get("stopped") else {}),
                **({"error": doc["write_error"]} if doc.get("write_error") else {})})
+
+
+def _folder_montages(doc: dict[str, Any], pairing: Pairing, job: Job, cfg: RunConfig) -> None:
+    """``--montage`` of a folder run: every pair with an output (fused now or kept), in OUTDIR_montage/."""
+    by_stem = {p.stem: p for p in pairing.pairs}
+    r = job.roles
+    records = [{"stem": rec["stem"], r.ir: str(by_stem[rec["stem"]].ir), r.vis: str(by_stem[rec["stem"]].vis),
+                "output": rec["output"]} for rec in [*doc["done"], *doc["skipped"]] if rec["stem"] in by_stem]
+    records.sort(key=lambda rec: rec["stem"])
+    _write_montages(records, r, _method(cfg, doc["settings"].get("num_steps")),
+                    job.out.parent / f"{job.out.name}_montage")
 
 
 def totals_line(doc: dict[str, Any], out: Path, ranks: Optional[int] = None) -> str:

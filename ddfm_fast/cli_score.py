@@ -24,6 +24,7 @@ from ddfm_fast.scoring import (
     PAPER_LABELS,
     PAPER_METRICS,
     PAPER_NUMBERS,
+    SCORES_JSON,
     DatasetError,
     DatasetNameError,
     DatasetLayout,
@@ -99,13 +100,19 @@ def format_scores(result: ScoreResult, verbose: bool = False, decimals: int = 2)
 @click.option("-v", "--verbose", is_flag=True, help="Print every image's scores, not only the mean.")
 @click.option("--decimals", type=click.IntRange(0, 12), default=2, show_default=True,
               help="Decimals of the printed table (the files keep full precision).")
+@click.option("--montage", is_flag=True,
+              help="Also write OUTDIR/montage.png: one labelled row per scored pair (A | B | fused; the first "
+                   "24 pairs).")
+@click.option("--html", "html_report", is_flag=True,
+              help="Also write OUTDIR/report.html: one self-contained page with the table, montages and a plot "
+                   "of the metrics per image (the plot needs the report extra: matplotlib).")
 @opts.model_options
 @opts.sampler_options
 @opts.run_options
 @opts.accel_options
 @click.pass_context
 def score_command(ctx: click.Context, dataset_dir: Path, out: Path, dataset: Optional[str], limit: Optional[int],
-                  verbose: bool, decimals: int, model: dict[str, Any], sampler: dict[str, Any], run: dict[str, Any],
+                  verbose: bool, decimals: int, montage: bool, html_report: bool, model: dict[str, Any], sampler: dict[str, Any], run: dict[str, Any],
                   accel: dict[str, Any]) -> None:
     layout = _layout(dataset_dir, dataset, out)
     cfg = opts.build_run(ctx, sampler=sampler, accel=accel, model=model, run=run, mode=layout.mode)
@@ -123,7 +130,42 @@ def score_command(ctx: click.Context, dataset_dir: Path, out: Path, dataset: Opt
                                layout=layout, pairing=pairing)
     except (InputError, DatasetError) as exc:
         raise click.ClickException(str(exc)) from exc
-    ctx.exit(_report(result, out, verbose, decimals))
+    code = _report(result, out, verbose, decimals)
+    if montage and result.rows:
+        _score_montage(result, out)
+    if html_report and result.rows:
+        from ddfm_fast.report import has_matplotlib, load_results, write_report
+
+        dest = write_report(load_results(out / SCORES_JSON), out / "report.html", decimals=decimals)
+        click.echo(f"report: {dest}" + ("" if has_matplotlib() else
+                                        " (no plot: matplotlib is not installed; pip install 'ddfm-fast[report]')"),
+                   err=True)
+    ctx.exit(code)
+
+
+def _score_montage(result: ScoreResult, out: Path) -> None:
+    """``score --montage``: OUTDIR/montage.png, one row per scored pair (the first MAX_GRID_ROWS)."""
+    from ddfm_fast.io import ImageReadError
+    from ddfm_fast.montage import MAX_GRID_ROWS, montage_grid, save_image
+    from ddfm_fast.pairing import roles
+    from ddfm_fast.report import find_image
+
+    lay, r = result.layout, roles(result.layout.mode)
+    c = result.comparison
+    method = f"{c.steps} steps of {c.prior}" if c is not None and c.prior != "none" else "EM only"
+    rows = []
+    for stem in list(result.rows)[:MAX_GRID_ROWS]:
+        a, b, f = (find_image(d, stem) for d in (lay.a_dir, lay.b_dir, result.fused_dir))
+        if a is None or b is None or f is None:
+            continue
+        rows.append([(a, f"{r.ir_name}: {a.name}"), (b, f"{r.vis_name}: {b.name}"), (f, f"fused: {method}")])
+    shown = f"{len(rows)} of {result.count} pairs" if result.count > len(rows) else f"{len(rows)} pairs"
+    try:
+        pic = montage_grid(rows, title=f"{lay.name}: {shown}, {method}")
+    except (ImageReadError, ValueError, OSError) as exc:
+        click.echo(f"montage not written: {exc}", err=True)
+        return
+    click.echo(f"montage: {save_image(pic, out / 'montage.png')}", err=True)
 
 
 def _layout(dataset_dir: Path, dataset: Optional[str], out: Path) -> DatasetLayout:

@@ -315,6 +315,12 @@ def compare_summary(rows: Rows) -> dict[str, Any]:
     return {"mean": mean, "max_abs": max(r["max_abs"] for r in rows.values()), "worst": worst}
 
 
+def worst_pairs(rows: Rows, k: int) -> list[str]:
+    """The ``k`` stems that differ most (largest MSE, then max-abs, then stem), identical pairs left out."""
+    differing = [n for n, r in rows.items() if r["MSE"] > 0]
+    return sorted(differing, key=lambda n: (-rows[n]["MSE"], -rows[n]["max_abs"], n))[:k]
+
+
 def compare_doc(dirs: tuple[Path, Path], rows: Rows, skipped: list[Skipped]) -> dict[str, Any]:
     summary = compare_summary(rows)
     return {

@@ -15,10 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Optional
 
 from ddfm_fast.config import PAPER_STEPS
 from ddfm_fast.evaluation import (
@@ -37,11 +34,16 @@ from ddfm_fast.evaluation import (
 )
 from ddfm_fast.metrics import METRIC_NAMES
 from ddfm_fast.pairing import ROLES, InputError, Pairing, pair_sources
-from ddfm_fast.plan import ExecutionPlan
-from ddfm_fast.progress import BarFactory
-from ddfm_fast.runner import RunConfig, run_folder
-from ddfm_fast.summary import SUMMARY_NAME, RunSummary
 from ddfm_fast.tables import SummaryRow, summary_csv
+
+if TYPE_CHECKING:  # torch, the runner and the summary load when a dataset is fused, not on import
+    import torch
+    from torch import nn
+
+    from ddfm_fast.plan import ExecutionPlan
+    from ddfm_fast.progress import BarFactory
+    from ddfm_fast.runner import RunConfig
+    from ddfm_fast.summary import RunSummary
 
 # The six metrics the DDFM paper reports, in its column order.
 PAPER_METRICS: tuple[str, ...] = ("EN", "SD", "MI", "VIF", "Qabf", "SSIM")
@@ -395,6 +397,8 @@ def score_dataset(
     :class:`DatasetError` for a folder that is not a dataset, :class:`~ddfm_fast.pairing.InputError` for empty
     source folders or outputs of other settings.
     """
+    from ddfm_fast.runner import run_folder
+
     if layout is None:
         layout = dataset_layout(dataset_dir, dataset)
     if run.output != "gray":
@@ -435,6 +439,13 @@ def score_dataset(
 # --------------------------------------------------------------------------------------------------- outputs
 
 
+def summary_name() -> str:
+    """The folder run's summary file name (``ddfm_fast.summary.SUMMARY_NAME``)."""
+    from ddfm_fast.summary import SUMMARY_NAME
+
+    return SUMMARY_NAME
+
+
 def scores_csv(result: ScoreResult) -> str:
     """``ddfm-fast eval``'s per-image CSV: one row per image, no summary rows (see :func:`scores_summary_csv`)."""
     return eval_csv(result.rows)
@@ -464,7 +475,7 @@ def scores_json(result: ScoreResult) -> str:
         "guide": "docs/METRICS.md",
         **doc,
         "std": {k: jsonable(v) for k, v in result.std.items()},
-        "fusion": {"summary": str(result.fused_dir / SUMMARY_NAME), "counts": s["counts"],
+        "fusion": {"summary": str(result.fused_dir / summary_name()), "counts": s["counts"],
                    "timing": s["timing"], "settings": s["settings"], "plan": s["plan"], "failed": s["failed"]},
     }
     return dump_json(doc)

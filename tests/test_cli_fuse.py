@@ -127,11 +127,11 @@ def test_raw_outputs(outputs) -> None:
 def test_save_progress_one_pair(outputs) -> None:
     prog = outputs["gray"].parent / "gray_progress"
     names = sorted(p.name for p in prog.iterdir())
-    assert names == ["diffusion.gif", "x0_0000.png", "x0_0001.png", "x0_0002.png",
+    assert names == ["diffusion.gif", "progress_strip.png", "x0_0000.png", "x0_0001.png", "x0_0002.png",
                      "x_0000.png", "x_0001.png", "x_0002.png"]
     assert Image.open(prog / "x_0002.png").size == (W, H) and Image.open(prog / "x0_0002.png").size == (W, H)
     gif = Image.open(prog / "diffusion.gif")
-    assert gif.n_frames == 3 and gif.size == (W, H)
+    assert gif.n_frames == 3 and gif.width == W and gif.height > H  # each frame under its step label
     # The last step's x_{t-1} is x0' itself (alpha_bar_prev = 1 at idx 0): the truncated min-max of the final
     # luminance, which the output rounds instead of truncating (at most 1 grey level apart).
     last = gray(prog / "x_0000.png").astype(int)
