@@ -117,16 +117,12 @@ class DDFMGroup(click.Group):
         return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from click.utils import make_default_short_help
-
         names = self.list_commands(ctx)
         limit = formatter.width - 6 - max(len(n) for n in names)
         rows = []
-        for name in names:
-            if name in COMMANDS:
-                rows.append((name, make_default_short_help(COMMANDS[name][2], limit)))
-            else:
-                rows.append((name, self.commands[name].get_short_help_str(limit)))
+        for name in names:  # a stand-in command with the same first paragraph shortens it as click would
+            stand_in = self.commands.get(name) or click.Command(name, help=COMMANDS[name][2])
+            rows.append((name, stand_in.get_short_help_str(limit)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

@@ -255,6 +255,12 @@ def build_run(ctx: click.Context, *, sampler: dict[str, Any], accel: dict[str, A
     npy output), from ``-o``'s extension or ``--format`` (:func:`output_format`)."""
     given = {k: v for k, v in sampler.items() if explicit(ctx, k)}
     checkpoint = model["checkpoint"]
+    from ddfm_fast.io import pixel_cap
+
+    try:
+        pixel_cap()  # DDFM_FAST_MAX_PIXELS is read when the first image is; a bad value fails now, not then
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     try:
         if model["paper"]:
             conflicts = paper_conflicts(given, output=output, output_flag=output_flag, resize=resize,
@@ -381,10 +387,27 @@ def bar_factory(enabled: Optional[bool]) -> Any:
     """A tqdm factory on stderr; ``None`` shows the bars only when stderr is a terminal; never with --quiet."""
     from tqdm.auto import tqdm
 
-    if reporter().quiet:
-        enabled = False
+    if reporter().quiet:  # no bars, and the run's live lines wait for the final report (errors only)
+        return _SilentBar
     return functools.partial(tqdm, file=sys.stderr, dynamic_ncols=True,
                              disable=None if enabled is None else not enabled)
+
+
+class _SilentBar:
+    """The progress bar of ``--quiet``: shows nothing and writes nothing (failures are reported at the end)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def write(s: str) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------------------------------- reporting

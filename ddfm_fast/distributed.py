@@ -173,6 +173,8 @@ def image_pixels(path: Path, size_policy: str = "pad", multiple: int = io.SIZE_M
     is reported by its rank)."""
     try:
         w, h = io.image_size(path)  # EXIF rotation swaps W and H, which leaves the area unchanged
+        if w * h > io.pixel_cap():  # refused when it is read: it costs nothing
+            return 0
         (mh, mw), _ = io.model_size((h, w), size_policy, multiple)  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 - a cost estimate must never fail rank 0 in the middle of a collective
         return 0

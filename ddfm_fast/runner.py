@@ -415,6 +415,7 @@ def plan_resume(pairs: Iterable[Pair], out_dir: Path, run: RunConfig, identity: 
         dest = dests[pair.stem]
         if pair.stem not in existing:
             plan.todo.append(pair)
+            plan.kept.pop(dest.name, None)  # a record of an output that is gone counts for nothing
             continue
         verdict = resume.classify(dest, {r.ir: pair.ir, r.vis: pair.vis}, records.candidates(dest.name), digest,
                                   run.file_format, overwrite=overwrite)  # type: ignore[arg-type]
@@ -428,8 +429,7 @@ def plan_resume(pairs: Iterable[Pair], out_dir: Path, run: RunConfig, identity: 
             stale.append(verdict.record or {})
         elif verdict.status == "refuse":
             plan.refused.append({"stem": pair.stem, r.ir: str(pair.ir), r.vis: str(pair.vis),
-                                 "reason": verdict.reason})
-            plan.kept.pop(dest.name, None)
+                                 "reason": verdict.reason})  # the file stays as it is, and so does its record
         else:  # new or redo
             plan.todo.append(pair)
             plan.kept.pop(dest.name, None)

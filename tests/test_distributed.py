@@ -25,7 +25,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from ddfm_fast import distributed
+import imagefiles
+from ddfm_fast import distributed, resume
 from ddfm_fast.pairing import Pair, pair_sources
 from ddfm_fast.config import SamplerConfig
 from ddfm_fast.runner import RunConfig, run_folder
@@ -37,7 +38,7 @@ MSRS = ("ivf/MSRS/ir/00055D.png", "ivf/MSRS/vi/00055D.png")
 CROPS = {"a": (0, 150, 45, 35), "b": (100, 150, 45, 35), "c": (200, 200, 45, 35),
          "d": (300, 150, 30, 20), "e": (400, 100, 30, 20)}
 GOOD = sorted(CROPS)
-BAD = "f"  # its infrared file is not an image
+BAD = "f"  # its infrared file's header claims 100000 x 100000 pixels: over the pixel cap, refused from the header
 TORCHRUN_TIMEOUT_S = 240  # a launch takes ~10 s on a loaded 2-core CPU; this only stops a hung run
 
 torchrun_test = pytest.mark.slow  # launches torchrun: the test_torchrun_* tests
@@ -204,7 +205,7 @@ def dataset(tmp_path_factory, data_dir: Path) -> tuple[Path, Path]:
     for stem, (x, y, w, h) in CROPS.items():
         ir.crop((x, y, x + w, y + h)).save(ir_dir / f"{stem}.png")
         vis.crop((x, y, x + w, y + h)).save(vis_dir / f"{stem}.png")
-    (ir_dir / f"{BAD}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (ir_dir / f"{BAD}.png").write_bytes(imagefiles.png_claiming(100_000, 100_000))
     vis.crop((0, 0, 45, 35)).save(vis_dir / f"{BAD}.png")
     return ir_dir, vis_dir
 
@@ -314,6 +315,22 @@ def test_torchrun_resume_with_another_world_size(tmp_path: Path, dataset, single
     assert [r["pairs_assigned"] for r in s["distributed"]["ranks"]] == [1, 1, 2]  # b | c | e + f (LPT)
     assert s["counts"]["pairs"] == 6 and sorted(s["outputs"]) == [f"{k}.png" for k in GOOD]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # journals, lock and the .part file gone
+
+
+@torchrun_test
+def test_torchrun_refuses_a_locked_folder(tmp_path: Path, dataset, model_args) -> None:
+    """Another run holds the output folder: every rank ends with one line naming it, before loading a model."""
+    ir_dir, vis_dir = dataset
+    out = tmp_path / "out"
+    with resume.FolderLock(out):
+        res = torchrun(2, ["fuse", "--ir-dir", str(ir_dir), "--vis-dir", str(vis_dir), "-o", str(out), *model_args])
+    log = res.stdout + res.stderr
+    assert res.returncode != 0 and "exitcode  : 1" in log, log
+    # Each rank says it in one line; the one traceback is torchrun's own report of a failed worker.
+    assert log.count(f"Error: output folder {out} is being written by another ddfm-fast run (pid {os.getpid()} "
+                     "on ") == 2, log
+    assert log.count("Traceback") == 1 and "ChildFailedError" in log, log
+    assert not out.exists()  # nothing written: the folder the test's lock made went with the lock
 
 
 def _eval_image(seed: int, hw: tuple[int, int]) -> Image.Image:
