@@ -204,3 +204,34 @@ def test_compare_diff_dir_shows_the_worst_pairs(tmp_path: Path):
     assert diff.shape == (70, 72) and diff.max() == 255 and (diff == 255).sum() == 100  # 16 levels -> x15.9
     res = run(["compare", str(d1), str(d1), "--diff-dir", str(tmp_path / "none")])
     assert res.exit_code == 0 and "every pair is identical" in res.output and not (tmp_path / "none").exists()
+
+
+def test_method_label():
+    from ddfm_fast.montage import method_label
+
+    assert method_label("diffusion", None, 20) == "ddfm-small, 20 steps"  # None is the shipped prior
+    assert method_label("diffusion", "/w/tiny_unet.pt", 3) == "tiny_unet.pt, 3 steps"
+    assert method_label("diffusion", "adm256-uncond", 100) == "adm256-uncond, 100 steps"
+    assert method_label("none", None, 20) == "EM only, 20 iterations"
+
+
+def test_fuse_one_pair_montage_names_the_model_and_steps(tmp_path: Path, data_dir: Path, reference_dir: Path):
+    """With a diffusion prior (the tiny random-weight UNet, 2 steps on a 45x35 crop), the montage is written beside
+    the output and its third panel's label band differs from an EM-only run's (another method label)."""
+    ins = {}
+    for sub, name in (("ir", "ir.png"), ("vi", "vis.png")):
+        ins[sub] = tmp_path / name
+        Image.open(data_dir / "ivf/MSRS" / sub / "00055D.png").crop((200, 200, 245, 235)).save(ins[sub])
+    model = ["--checkpoint", str(reference_dir / "tiny_unet.pt"), "--model-config",
+             str(reference_dir / "tiny_unet_config.json"), "--steps", "2", "--backend", "torch", "--no-progress-bar"]
+    res = run(["fuse", str(ins["ir"]), str(ins["vi"]), "-o", str(tmp_path / "d.png"), "--montage", *model])
+    assert res.exit_code == 0, res.output
+    em = run(["fuse", str(ins["ir"]), str(ins["vi"]), "-o", str(tmp_path / "e.png"), "--montage", "--prior", "none",
+              "--steps", "2"])
+    assert em.exit_code == 0, em.output
+    d, e = (np.asarray(Image.open(tmp_path / f"{k}_montage.png")) for k in "de")
+    band = _band_height(d)
+    w = round(45 * 256 / 35)
+    third = slice(2 * (w + 4), 3 * w + 8)
+    np.testing.assert_array_equal(d[:band, :w], e[:band, :w])  # same infrared label
+    assert not np.array_equal(d[:band, third], e[:band, third])  # "tiny_unet.pt, 2 steps" vs "EM only, ..."
