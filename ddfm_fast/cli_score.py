@@ -146,13 +146,13 @@ def score_command(ctx: click.Context, dataset_dir: Path, out: Path, dataset: Opt
 def _score_montage(result: ScoreResult, out: Path) -> None:
     """``score --montage``: OUTDIR/montage.png, one row per scored pair (the first MAX_GRID_ROWS)."""
     from ddfm_fast.io import ImageReadError
-    from ddfm_fast.montage import MAX_GRID_ROWS, montage_grid, save_image
+    from ddfm_fast.montage import MAX_GRID_ROWS, method_label, montage_grid, save_image
     from ddfm_fast.pairing import roles
     from ddfm_fast.report import find_image
 
     lay, r = result.layout, roles(result.layout.mode)
     c = result.comparison
-    method = f"{c.steps} steps of {c.prior}" if c is not None and c.prior != "none" else "EM only"
+    method = "fused" if c is None else method_label("none" if c.prior == "none" else "diffusion", c.prior, c.steps)
     rows = []
     for stem in list(result.rows)[:MAX_GRID_ROWS]:
         a, b, f = (find_image(d, stem) for d in (lay.a_dir, lay.b_dir, result.fused_dir))

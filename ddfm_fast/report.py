@@ -125,8 +125,9 @@ def from_scores_doc(doc: Mapping[str, Any]) -> ReportData:
     from ddfm_fast.montage import method_label
 
     compared = doc.get("compared") or {}
-    name = method_label(compared.get("prior", "diffusion"), compared.get("prior"), compared.get("steps")) \
-        if compared else "fused"
+    prior = compared.get("prior")
+    name = method_label("none" if prior == "none" else "diffusion", prior, compared.get("steps")) if compared \
+        else "fused"
     method = ReportMethod(name, Path(doc["folders"]["fused"]), _rows(doc["images"]),
                           {k: _number(v) for k, v in doc["mean"].items()},
                           {k: _number(v) for k, v in (doc.get("std") or {}).items()})
