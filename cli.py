@@ -165,7 +165,7 @@ class DDFMGroup(click.Group):
             for signum, handler in saved:
                 signal.signal(signum, handler)
             rep = reporter(ctx)
-            if rep.json_lines and not rep.ended:
+            if rep.json_lines and not rep.ended and os.environ.get("RANK", "0") == "0":  # one end line (rank 0)
                 rep.event({"event": "end", "exit_code": code, **({"error": error} if error else {})})
 
 

@@ -50,11 +50,15 @@ Modes and roles (--mode, default ivf; --mri-dir/--func-dir imply mif):
 Folders are paired by file stem (a.png pairs with a.jpg); one output
 OUTDIR/<stem>.png per pair, plus OUTDIR/ddfm_summary.json (pairs done, skipped,
 failed with reasons, unpaired files, images/s, settings, the execution plan,
-versions). Runs resume: existing outputs are kept unless --overwrite, and only
-when ddfm_summary.json shows they were made with the same output-affecting
-settings (sampler options, model, size policy, output kind, UNet dtype);
-otherwise the run stops and names the settings that differ. A bad pair is
-reported and the run goes on. A single pair always replaces OUT.
+versions, and per output what made it). Runs resume: an existing output is
+kept (unless --overwrite) only when its record shows it is, byte for byte, the
+file ddfm-fast wrote from these inputs (SHA-256) with the same output-affecting
+settings (sampler options, model, size policy, output kind and format, UNet
+dtype); outputs of other settings stop the run, naming the settings that
+differ; a file that is not a verified output fails its pair, naming it (or is
+replaced when it does not even open). One run at a time writes a folder (a
+lock). A bad pair is reported and the run goes on. A single pair always
+replaces OUT.
 
 \b
 Inputs: PNG, JPEG, BMP, TIFF, WebP, PPM/PGM/PNM, GIF; 8- or 16-bit; gray, RGB,
@@ -445,7 +449,8 @@ def totals_line(doc: dict[str, Any], out: Path, ranks: Optional[int] = None) -> 
     """The one line a folder run ends with (single process, or rank 0 of a torchrun run), from its summary."""
     c, rate = doc["counts"], doc["timing"]["images_per_s"]
     return (f"{c['done']} fused, {c['skipped']} skipped (output exists), {c['failed']} failed, "
-            f"{c['unpaired']} unpaired file(s)" + (f" on {ranks} ranks" if ranks is not None else "")
+            f"{c['unpaired']} unpaired file(s)" + (f", {c['pending']} not reached" if c.get("pending") else "")
+            + (f" on {ranks} ranks" if ranks is not None else "")
             + (f"; {rate:.3g} images/s" if rate else "") + f"; summary: {out / SUMMARY_NAME}")
 
 

@@ -436,7 +436,6 @@ def fuse_folder(env: DistEnv, device: torch.device, model_loader: Callable[[], A
     rank 0)``. A lock held by another run raises :class:`ddfm_fast.resume.FolderBusyError` on every rank.
     """
     from ddfm_fast import resume
-    from ddfm_fast.pairing import InputError
     from ddfm_fast.runner import run_folder
 
     side = "vis" if run.resize == "vis" else "ir"  # the side whose size the model sees
@@ -446,7 +445,7 @@ def fuse_folder(env: DistEnv, device: torch.device, model_loader: Callable[[], A
         if ctx.is_main:
             try:
                 lock = resume.FolderLock(Path(out_dir)).acquire()
-            except InputError as exc:
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or they wait in the broadcast
                 error = exc
         message = ctx.broadcast(None if error is None else str(error))
         if message is not None:

@@ -52,7 +52,8 @@ KIND_WORDS = {"gray": "the 8-bit gray output", "color": "the colour output", "pn
 JPEG_QUALITY = 95
 
 # errno values that no other pair can escape: the run stops instead of failing every remaining pair in turn.
-FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+FATAL_WRITE_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS, errno.EIO)
+                               if code is not None)
 
 
 class OutputFormatError(ValueError):

@@ -290,6 +290,24 @@ def classify(dest: Path, inputs: Mapping[str, Path], candidates: list[dict[str, 
 # --------------------------------------------------------------------------------------------------- the folder
 
 
+def case_insensitive(folder: Path) -> bool:
+    """True when ``folder``'s file system treats ``a.png`` and ``A.PNG`` as one file (macOS and Windows by
+    default): a probe file is made, looked up with its case swapped, and removed."""
+    probe = Path(folder) / f".ddfm-fast-case-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        return os.path.exists(Path(folder) / probe.name.upper())
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+
+
 def remove_stale_parts(out_dir: Path) -> list[str]:
     """Remove the ``.*.part`` temporary files a killed write left in ``out_dir``; returns their names.
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -327,7 +328,8 @@ def write_result(result: FusionResult, item: ReadPair, dest: Path, run: RunConfi
         record["note"] = "the colour source is gray, so the colour output is gray"
 
     def commit(printed: outputs.Fingerprint) -> None:
-        record.update(settings=settings, inputs_sha256=dict(item.inputs_sha256), output_sha256=printed.sha256,
+        record.update(**({"settings": settings} if settings is not None else {}),
+                      inputs_sha256=dict(item.inputs_sha256), output_sha256=printed.sha256,
                       output_bytes=printed.bytes, made=now())
         if journal is not None:
             journal.append(record)
@@ -394,11 +396,13 @@ REDO_HINT = "rerun with --overwrite to redo them with these settings, or write t
 
 
 def plan_resume(pairs: Iterable[Pair], out_dir: Path, run: RunConfig, identity: dict[str, Any],
-                records: resume.FolderRecords, *, overwrite: bool = False) -> ResumePlan:
+                records: resume.FolderRecords, *, overwrite: bool = False, fold_case: bool = False) -> ResumePlan:
     """Decide, per pair, what to do with its output path (:func:`ddfm_fast.resume.classify`).
 
     Raises :class:`StaleOutputsError` before anything is written when verified outputs were made with other
     settings (naming them), or when outputs exist but the summary that should vouch for them cannot be read.
+    With ``fold_case`` (the output folder ignores case: macOS, Windows) a pair whose output name equals an
+    earlier pair's but for case fails, naming both, instead of overwriting it.
     """
     out_dir = Path(out_dir)
     pairs = list(pairs)
@@ -411,8 +415,15 @@ def plan_resume(pairs: Iterable[Pair], out_dir: Path, run: RunConfig, identity: 
                                 f"against the settings and inputs; {REDO_HINT}")
     plan = ResumePlan(todo=[], kept=records.all_records())
     stale: list[dict[str, Any]] = []
+    folded: dict[str, str] = {}
     for pair in pairs:
         dest = dests[pair.stem]
+        twin = folded.setdefault(dest.name.casefold(), dest.name) if fold_case else dest.name
+        if twin != dest.name:
+            plan.refused.append({"stem": pair.stem, r.ir: str(pair.ir), r.vis: str(pair.vis),
+                                 "reason": f"output {dest.name} and {twin} are one file in {out_dir}, whose file "
+                                           "system ignores case; rename one of the two pairs' inputs"})
+            continue
         if pair.stem not in existing:
             plan.todo.append(pair)
             plan.kept.pop(dest.name, None)  # a record of an output that is gone counts for nothing
@@ -507,13 +518,14 @@ class _FolderRun:
         self.model, self.run, self.out_dir, self.device = model, run, out_dir, device
         self.summary, self.progress, self.step_bar, self.progress_dir = summary, progress, step_bar, progress_dir
         self.journal, self.on_event = journal, on_event
+        self.rank = 0
         self.plan: Optional[ExecutionPlan] = None  # the plan that ran (the sampler's, with its fallbacks)
         self.finished = 0  # pairs of this process's share that were done or failed
         self.stopped: Optional[str] = None  # why the loop stopped early (a write no output can escape)
 
     def event(self, status: str, record: dict[str, Any]) -> None:
         if self.on_event is not None:
-            self.on_event({"event": "pair", "status": status, **record})
+            self.on_event({"event": "pair", "status": status, **record, **({"rank": self.rank} if self.rank else {})})
 
     def fail(self, pair: Pair, exc: BaseException) -> None:
         reason = _describe_error(exc)
@@ -585,21 +597,33 @@ class _FolderRun:
         self.progress.update(len(batch))
 
 
-def _absorb_journals(summary: RunSummary, out_dir: Path) -> None:
-    """Add the records of every journal in ``out_dir`` (other ranks of this run, a killed earlier run) that the
-    summary lacks, so an interrupted summary counts every output done so far."""
-    found = resume.FolderRecords()
-    resume.read_journals(resume.journal_paths(out_dir), found)
-    mine = {Path(rec["output"]).name for rec in summary.done}
-    for name, recs in found.journaled.items():
-        if name not in mine:
-            summary.kept[name] = recs[-1]
-    for digest, ident in found.identities.items():
-        summary.identities.setdefault(digest, ident)
+_JOURNAL_RANK = re.compile(r"-r(\d+)" + re.escape(resume.JOURNAL_SUFFIX) + "$")
 
 
-def interrupted_message(summary: RunSummary, out_dir: Path, signum: int, total: int) -> str:
+def _absorb_journals(summary: RunSummary, out_dir: Path, exclude: set[Path]) -> None:
+    """Rank 0 of an interrupted torchrun run: add the outputs the other ranks journaled in this run (the journals
+    not in ``exclude``: those read at the start, and rank 0's own) to ``done``, tagged with their rank, so the
+    interrupted summary counts every output done so far without waiting for the other ranks."""
+    mine = {Path(rec["output"]).name for rec in summary.done if "output" in rec}
+    for path in resume.journal_paths(out_dir):
+        if path in exclude:
+            continue
+        found = resume.FolderRecords()
+        resume.read_journals([path], found)
+        match = _JOURNAL_RANK.search(path.name)
+        for name, recs in found.journaled.items():
+            if name not in mine:
+                summary.done.append({**recs[-1], **({"rank": int(match.group(1))} if match else {})})
+                mine.add(name)
+        for digest, ident in found.identities.items():
+            summary.identities.setdefault(digest, ident)
+
+
+def interrupted_message(summary: RunSummary, out_dir: Path, signum: int, total: int, rank: int = 0) -> str:
     """What an interrupted folder run says: how much is done, that it is kept, how to resume."""
+    if rank:
+        return (f"rank {rank} interrupted by {signal_name(signum)}: {len(summary.done)} pair(s) fused on this rank, "
+                f"kept in {out_dir}; rank 0 writes the summary; rerun the same command to resume")
     c = summary.counts()
     where = (f"summary: {out_dir / SUMMARY_NAME}" if summary.write_error is None
              else f"the summary could not be written ({summary.write_error}); the records are kept in "
@@ -678,8 +702,9 @@ def run_folder(
                 own_lock.acquire()
             removed = resume.remove_stale_parts(out_dir)
             records = resume.load_records(out_dir, SUMMARY_NAME)
-            decided = plan_resume(pairing.pairs, out_dir, run, identity, records, overwrite=overwrite)
-        except InputError as exc:
+            decided = plan_resume(pairing.pairs, out_dir, run, identity, records, overwrite=overwrite,
+                                  fold_case=resume.case_insensitive(out_dir))
+        except Exception as exc:  # noqa: BLE001 - raised below on every process (coord.agree), not only here
             error = exc
     try:
         todo = coord.agree(error, None if decided is None else decided.todo)
@@ -719,6 +744,7 @@ def run_folder(
     token = f"{summary.started.replace(':', '').replace('+', 'p')}-{os.getpid()}-r{coord.rank}"
     journal = resume.Journal(out_dir, token, identity, digest)
     state = _FolderRun(model, run, out_dir, device, summary, progress, step_bar, progress_dir, journal, on_event)
+    state.rank = coord.rank
     interrupted: Optional[KeyboardInterrupt] = None
     try:
         try:
@@ -740,9 +766,13 @@ def run_folder(
             summary.pending = max(len(todo) - state.finished, 0)
             summary.finished = now()
             summary.wall_s = time.perf_counter() - t0
+            if interrupted is not None and coord.world_size > 1 and coord.is_main:
+                summary.done = [{**rec, "rank": 0} for rec in summary.done]
+                _absorb_journals(summary, out_dir, exclude={*records.journals, journal.path})
+                summary.done.sort(key=lambda rec: rec.get("stem", ""))
+                accounted = {rec.get("stem") for rec in [*summary.done, *summary.skipped, *summary.failed]}
+                summary.pending = sum(1 for p in pairing.pairs if p.stem not in accounted)  # all ranks' share
             if write_summary or (interrupted is not None and coord.is_main):
-                if interrupted is not None and coord.world_size > 1:
-                    _absorb_journals(summary, out_dir)  # the other ranks' outputs so far
                 written = summary.write_safely(out_dir)
                 if written is not None and coord.world_size == 1:  # the summary holds every journaled record
                     resume.remove_journals([*records.journals, journal.path])
@@ -751,7 +781,7 @@ def run_folder(
             own_lock.release()
     if interrupted is not None:
         signum = getattr(interrupted, "signum", signal.SIGINT)
-        raise RunInterrupted(signum, interrupted_message(summary, out_dir, signum, len(pairing.pairs)),
+        raise RunInterrupted(signum, interrupted_message(summary, out_dir, signum, len(pairing.pairs), coord.rank),
                              summary) from interrupted
     return summary
 

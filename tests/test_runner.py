@@ -198,3 +198,23 @@ def test_pending_pairs_and_size_buckets(tmp_path: Path) -> None:
                                       "vis": outputs.fingerprint(pairs[0].vis).sha256}
     batches = [[i.pair.stem for i in b] for b in size_buckets(items, 2)]
     assert batches == [["a", "b"], ["c"], ["d"]]  # a full bucket goes at once, the rest at the end
+
+
+def test_case_folding_file_systems_do_not_merge_two_outputs(tmp_path: Path) -> None:
+    run = RunConfig(sampler=SamplerConfig(steps=3))
+    identity = run.identity(plan("cpu", run.accel))
+    pairs = [_pair_files(tmp_path / "x", "A"), _pair_files(tmp_path / "y", "a")]
+    decided = plan_resume(pairs, tmp_path / "out", run, identity, resume.FolderRecords(), fold_case=True)
+    assert [p.stem for p in decided.todo] == ["A"]
+    assert "output a.png and A.png are one file" in decided.refused[0]["reason"]
+    assert len(plan_resume(pairs, tmp_path / "out", run, identity, resume.FolderRecords()).todo) == 2
+    (tmp_path / "probe").write_text("")
+    assert resume.case_insensitive(tmp_path) == (tmp_path / "PROBE").exists()  # what this file system does
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ddfm-fast-case-probe")]
+
+
+def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path: Path) -> None:
+    (tmp_path / resume.LOCK_NAME).write_text('{"pid": 1, "host": "gone"}')  # SIGKILL leaves the file, not the lock
+    with resume.FolderLock(tmp_path) as lock:
+        assert lock.held and json.loads((tmp_path / resume.LOCK_NAME).read_text())["pid"] != 1
+    assert not (tmp_path / resume.LOCK_NAME).exists()
