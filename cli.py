@@ -20,8 +20,8 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-import sys
 import traceback
+from collections.abc import Iterator, MutableMapping
 from typing import Any, Optional
 
 import click
@@ -101,27 +101,56 @@ def _interrupt_exit(exc: KeyboardInterrupt) -> int:
     return 128 + signum
 
 
+class LazyCommands(MutableMapping):
+    """The group's ``commands``: every name of :data:`COMMANDS` is listed at once, and its module is imported the
+    first time the command is looked up (``main.commands["serve"]`` works as for an eager group)."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, click.Command] = {}
+
+    def loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def __getitem__(self, name: str) -> click.Command:
+        if name not in self._loaded:
+            if name not in COMMANDS:
+                raise KeyError(name)
+            self._loaded[name] = load_command(name)
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, command: click.Command) -> None:
+        self._loaded[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted({*COMMANDS, *self._loaded}))
+
+    def __len__(self) -> int:
+        return len({*COMMANDS, *self._loaded})
+
+    def __contains__(self, name: object) -> bool:
+        return name in COMMANDS or name in self._loaded
+
+
 class DDFMGroup(click.Group):
     """The ``ddfm-fast`` group: commands imported on demand, and one line for every failure (see the module)."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*COMMANDS, *self.commands})
-
-    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
-        if name in self.commands:
-            return self.commands[name]
-        if name not in COMMANDS:
-            return None
-        command = load_command(name)
-        self.add_command(command, name)
-        return command
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        lazy = LazyCommands()
+        for name, command in self.commands.items():
+            lazy[name] = command
+        self.commands = lazy
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         names = self.list_commands(ctx)
         limit = formatter.width - 6 - max(len(n) for n in names)
         rows = []
         for name in names:  # a stand-in command with the same first paragraph shortens it as click would
-            stand_in = self.commands.get(name) or click.Command(name, help=COMMANDS[name][2])
+            loaded = not isinstance(self.commands, LazyCommands) or self.commands.loaded(name) or name not in COMMANDS
+            stand_in = self.commands[name] if loaded else click.Command(name, help=COMMANDS[name][2])
             rows.append((name, stand_in.get_short_help_str(limit)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
