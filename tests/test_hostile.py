@@ -46,7 +46,8 @@ def image(path: Path, seed: int, size: tuple[int, int] = (W, H)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0: size[1], 0: size[0]]
-    Image.fromarray(np.clip(x * 3 + y * 2 + rng.integers(0, 40, (size[1], size[0])), 0, 255).astype(np.uint8)).save(path)
+    noisy = x * 3 + y * 2 + rng.integers(0, 40, (size[1], size[0]))
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path)
     return path
 
 
@@ -227,7 +228,8 @@ def test_unwritable_outputs_fail_before_the_model_loads(tmp_path: Path, pair, no
     for args in ([*pair, "-o", tmp_path / "new/deep/o.png"], [*ins, "-o", tmp_path / "outdir"]):
         res = fuse(*args, *EM)
         assert res.exit_code == 1, res.output
-        assert f"-o/--output: cannot write there: " in one_line_error(res) and f"{tmp_path} is not writable" in res.output
+        assert "-o/--output: cannot write there: " in one_line_error(res)
+        assert f"{tmp_path} is not writable" in res.output
     assert not (tmp_path / "new").exists() and not (tmp_path / "outdir").exists()
 
 

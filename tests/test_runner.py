@@ -50,7 +50,8 @@ def test_identity_is_every_sampler_field_and_the_output_fields() -> None:
 def test_file_format_follows_the_output_kind() -> None:
     assert RunConfig().suffix == ".png" and RunConfig(output="npy").suffix == ".npy"
     assert RunConfig(output="png16", file_format="tiff").suffix == ".tif"
-    assert RunConfig(file_format="jpeg").suffix == ".jpg" and RunConfig(output="color", file_format="bmp").suffix == ".bmp"
+    assert RunConfig(file_format="jpeg").suffix == ".jpg"
+    assert RunConfig(output="color", file_format="bmp").suffix == ".bmp"
     with pytest.raises(ConfigError, match=r"16-bit raw output is written as \.png or \.tif, not \.jpg"):
         RunConfig(output="png16", file_format="jpeg")
     with pytest.raises(ConfigError, match="raw float output"):
