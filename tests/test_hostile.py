@@ -250,9 +250,10 @@ def test_output_format_from_the_extension(tmp_path: Path, pair, name, pil_format
     reference = tmp_path / "ref.png"
     assert fuse(*pair, "-o", reference, *EM).exit_code == 0
     ours, ref = (np.asarray(Image.open(p)).astype(int) for p in (tmp_path / name, reference))
-    # Lossless formats hold the official output exactly; JPEG at quality 95 within a few grey levels (measured:
-    # <= 6 on these noisy images; the bound 12 is twice that and still fails for any format mix-up).
-    assert np.abs(ours - ref).max() <= (12 if pil_format == "JPEG" else 0)
+    # Lossless formats hold the official output exactly. JPEG at quality 95: measured max 7 grey levels (mean 1.6)
+    # on this noisy 40x36 image; the bound 14 is twice that, and a format mix-up (a 16-bit or stretched image, a
+    # wrong mode) differs by far more.
+    assert np.abs(ours - ref).max() <= (14 if pil_format == "JPEG" else 0)
 
 
 def test_sixteen_bit_tiff_and_npy_from_the_extension(tmp_path: Path, pair) -> None:
