@@ -274,12 +274,6 @@ def build_run(ctx: click.Context, *, sampler: dict[str, Any], accel: dict[str, A
             checkpoint = checkpoint or DEFAULT_PRESET
         else:
             sampler_cfg = SamplerConfig(**sampler)
-        if sampler_cfg.steps is not None and sampler_cfg.prior != "none":
-            try:  # the respacing must divide the schedule the model was trained with, not only 1000 steps
-                sampler_cfg.num_steps()
-            except ValueError as exc:
-                raise click.UsageError(f"--steps {sampler_cfg.steps!r} with --train-timesteps "
-                                       f"{sampler_cfg.train_timesteps}: {exc}") from exc
         return RunConfig(sampler=sampler_cfg, accel=accel_config(accel), mode=mode, output=output,
                          resize=resize, checkpoint=checkpoint, model_config=model["model_config"],
                          batch_size=run["batch_size"], file_format=file_format)

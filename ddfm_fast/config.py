@@ -55,7 +55,8 @@ def _positive_finite(name: str, value: Any) -> float:
     return v
 
 
-def _normalise_steps(steps: Optional[Respacing], prior: str) -> Optional[Union[int, str, tuple[int, ...]]]:
+def _normalise_steps(steps: Optional[Respacing], prior: str,
+                     train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Optional[Union[int, str, tuple[int, ...]]]:
     """A hashable respacing (int, str or tuple of ints) that the schedule accepts, or None (model default)."""
     if steps is None:
         return None
@@ -79,7 +80,7 @@ def _normalise_steps(steps: Optional[Respacing], prior: str) -> Optional[Union[i
         except (TypeError, ValueError):
             raise ConfigError(f"steps must be an int, 'N', 'N1,N2' or 'ddimN', got {steps!r}") from None
     try:
-        kept = space_timesteps(NUM_TRAIN_TIMESTEPS, value)
+        kept = space_timesteps(train_timesteps, value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"steps {steps!r}: {exc}") from None
     if not kept:
@@ -128,7 +129,10 @@ class SamplerConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         if self.prior not in PRIORS:
             raise ConfigError(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
-        set_("steps", _normalise_steps(self.steps, self.prior))
+        if isinstance(self.train_timesteps, bool) or not isinstance(self.train_timesteps, int) \
+                or self.train_timesteps < 1:
+            raise ConfigError(f"train_timesteps must be an int >= 1, got {self.train_timesteps!r}")
+        set_("steps", _normalise_steps(self.steps, self.prior, self.train_timesteps))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must be an integer in 0..2**64-1, got {self.seed!r}")
         set_("lamb", _positive_finite("lamb", self.lamb))
@@ -148,9 +152,6 @@ class SamplerConfig:
             raise ConfigError(str(exc)) from None
         if self.size_policy not in SIZE_POLICIES:
             raise ConfigError(f"size_policy must be one of {', '.join(SIZE_POLICIES)}, got {self.size_policy!r}")
-        if isinstance(self.train_timesteps, bool) or not isinstance(self.train_timesteps, int) \
-                or self.train_timesteps < 1:
-            raise ConfigError(f"train_timesteps must be an int >= 1, got {self.train_timesteps!r}")
 
     @classmethod
     def paper(cls, **overrides: Any) -> "SamplerConfig":

@@ -145,7 +145,7 @@ BAD_OPTIONS = [
     (["--steps", "0"], "--steps"),
     (["--steps", "2000"], "--steps"),
     (["--steps", "ddimx"], "--steps"),
-    (["--steps", "50", "--train-timesteps", "10"], "--steps 50 with --train-timesteps 10"),
+    (["--steps", "50", "--train-timesteps", "10"], "cannot divide a section of 10 steps into 50"),
     (["--batch-size", "0"], "--batch-size"),
     (["--dtype", "fp8"], "--dtype"),
     (["--compile-mode", "fastest"], "--compile-mode"),

@@ -227,3 +227,10 @@ def test_config_round_trips_to_a_dict():
     d = cfg.to_dict()
     assert d["steps"] == [3, 4] and d["size_policy"] == "crop" and d["seed"] == 3407
     assert SamplerConfig(**{**d, "steps": tuple(d["steps"])}) == cfg
+
+
+def test_steps_are_checked_against_the_models_own_schedule():
+    """A respacing must divide the schedule the model was trained with (train_timesteps), not only 1000 steps."""
+    assert SamplerConfig(steps=5, train_timesteps=10).num_steps() == 5
+    with pytest.raises(ConfigError, match="steps 50"):
+        SamplerConfig(steps=50, train_timesteps=10)
