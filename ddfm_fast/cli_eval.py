@@ -112,10 +112,14 @@ What each metric rewards, why SSIM (a sum of two SSIMs) can exceed 1, and how th
               help=f"Metric definitions: cddfuse is the evaluator behind the published numbers ({ev.GUIDE}).")
 @click.option("--crop-sources", is_flag=True,
               help="Crop A and B top-left to a smaller fused image (DDFM crops its inputs to multiples of 32).")
+@opts.friendly_errors
 def eval_command(fused_specs: tuple[str, ...], ir_dir: Optional[Path], vis_dir: Optional[Path],
                  func_dir: Optional[Path], mri_dir: Optional[Path], mode: Optional[str], out: Optional[Path],
                  fmt: str, decimals: int, metric_names: Optional[str], no_std: bool, per_image: bool, variant: str,
                  crop_sources: bool) -> None:
+    if out is not None:  # before any scoring: a path that cannot be written fails now, in one line
+        for path in _out_paths(out):
+            opts.check_writable(path, "-o/--out")
     mode, a_dir, b_dir = opts.mode_and_folders(mode, dict(ir_dir=ir_dir, vis_dir=vis_dir, func_dir=func_dir,
                                                           mri_dir=mri_dir))
     opts.require_both(mode, a_dir, b_dir, what=f"eval --mode {mode}")
@@ -239,6 +243,7 @@ def _end_eval_session(ctx: Any, code: Optional[int]) -> None:
                    "|DIR1 - DIR2| stretched so that the largest difference is white, labelled.")
 @click.option("--worst", "worst_count", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many of the most different pairs --diff-dir shows.")
+@opts.friendly_errors
 def compare_command(dir1: Path, dir2: Path, out: Optional[Path], diff_dir: Optional[Path], worst_count: int) -> None:
     """Compare two output sets paired by stem: PSNR, SSIM, max-abs.
 
@@ -248,6 +253,10 @@ def compare_command(dir1: Path, dir2: Path, out: Optional[Path], diff_dir: Optio
     mean MSE, so identical images do not make it infinite; the worst image is the one with the largest MSE.
     Exit code 1 if no pair could be compared.
     """
+    if out is not None:
+        opts.check_writable(out, "-o/--out")
+    if diff_dir is not None:
+        opts.check_writable(diff_dir, "--diff-dir", folder=True)
     try:
         pairing = pair_by_stem({"DIR1": dir1, "DIR2": dir2})
     except InputError as exc:

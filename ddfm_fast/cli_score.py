@@ -111,6 +111,7 @@ def format_scores(result: ScoreResult, verbose: bool = False, decimals: int = 2)
 @opts.run_options
 @opts.accel_options
 @click.pass_context
+@opts.friendly_errors
 def score_command(ctx: click.Context, dataset_dir: Path, out: Path, dataset: Optional[str], limit: Optional[int],
                   verbose: bool, decimals: int, montage: bool, html_report: bool, model: dict[str, Any], sampler: dict[str, Any], run: dict[str, Any],
                   accel: dict[str, Any]) -> None:
@@ -177,6 +178,7 @@ def _layout(dataset_dir: Path, dataset: Optional[str], out: Path) -> DatasetLayo
         raise click.BadParameter(str(exc), param_hint=hint) from exc
     if out.exists() and not out.is_dir():
         raise click.BadParameter(f"{out} is a file; give an output folder", param_hint="-o/--output")
+    opts.check_writable(out, "-o/--output", folder=True)
     for src in (layout.a_dir, layout.b_dir):
         try:
             same = (out / FUSED_DIR).resolve() == src.resolve()

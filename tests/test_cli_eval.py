@@ -288,3 +288,21 @@ def test_compare_nothing_paired(tmp_path: Path):
     _save(tmp_path / "d2" / "b.png", _img(1))
     r = _run(["compare", str(tmp_path / "d1"), str(tmp_path / "d2")])
     assert r.exit_code == 1 and "a: no DIR2 file" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["eval", "compare", "score"])
+def test_an_output_that_cannot_be_written_fails_before_any_work(ivf_set: Path, tmp_path: Path, command: str):
+    """-o under a regular file: one line naming the option and the path, exit 1, nothing computed or written."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    args = {
+        "eval": ["eval", "--fused", str(ivf_set / "fused"), "--ir-dir", str(ivf_set / "ir"), "--vis-dir",
+                 str(ivf_set / "vi"), "-o", str(blocker / "res")],
+        "compare": ["compare", str(ivf_set / "fused"), str(ivf_set / "fused"), "-o", str(blocker / "x.json")],
+        "score": ["score", str(ivf_set), "-o", str(blocker / "sc"), "--prior", "none", "--steps", "2"],
+    }[command]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "-o/--out" in lines[0] and "is a file, not a folder" in lines[0], res.output
+    assert blocker.read_text() == "not a folder"
