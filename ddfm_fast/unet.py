@@ -5,7 +5,7 @@ DDFM (Zhao et al., ICCV 2023) uses OpenAI's unconditional 256x256 ImageNet model
 ``UNetModel(config).state_dict()`` has exactly the keys, order and shapes of guided-diffusion's
 ``UNetModel``: the official checkpoints load with ``strict=True``.
 
-Numerics follow the official code (README §6.4 of the golden vectors):
+Numerics follow the official code (its guided-diffusion ``UNetModel`` as the golden vectors were made with):
 
 * timestep embedding ``[cos, sin]`` with ``freqs = exp(-ln(10000) * arange(half) / half)``, in float32;
 * GroupNorm computed in float32 and cast back (guided-diffusion's ``GroupNorm32``), 32 groups, eps 1e-5;
