@@ -150,6 +150,14 @@ class Result:
         self.status, self.error = "failed", message[:500]
 
 
+
+def _end_row(result: "Result", t_row: float, device: torch.device) -> None:
+    """A row's wall time, and its memory given back before the next row starts."""
+    result.seconds = round(time.perf_counter() - t_row, 2)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
 def environment() -> dict[str, Any]:
     """Device, versions, float32 switches, compile caches and date: every report carries where its numbers come
     from."""
@@ -463,10 +471,7 @@ def run_tail_row(row: Row, device: torch.device, calls: int) -> Result:
     except Exception as exc:  # noqa: BLE001 - reported as the row's failure
         result.fail(f"{type(exc).__name__}: {exc}")
     finally:
-        result.seconds = round(time.perf_counter() - t_row, 2)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _end_row(result, t_row, device)
     return result
 
 
@@ -729,10 +734,7 @@ def run_upstream(root: Path, model: nn.Module, config: UNetConfig, size: tuple[i
     except Exception as exc:  # noqa: BLE001 - an official run that fails (OOM, missing library) is reported
         result.fail(f"{type(exc).__name__}: {exc}")
     finally:
-        result.seconds = round(time.perf_counter() - t_row, 2)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _end_row(result, t_row, device)
     return result
 
 

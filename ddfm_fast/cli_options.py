@@ -50,6 +50,7 @@ from ddfm_fast.config import (
     ConfigError,
     SamplerConfig,
 )
+from ddfm_fast.progress import NoBar
 from ddfm_fast.runner import RunConfig
 
 Spec = tuple[tuple[str, ...], dict[str, Any]]  # click.option's (param_decls, attrs)
@@ -387,17 +388,8 @@ def bar_factory(enabled: Optional[bool]) -> Any:
                              disable=None if enabled is None else not enabled)
 
 
-class _SilentBar:
+class _SilentBar(NoBar):
     """The progress bar of ``--quiet``: shows nothing and writes nothing (failures are reported at the end)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     @staticmethod
     def write(s: str) -> None:
