@@ -1,11 +1,11 @@
 """The README's own command, whole, with two priors and with glibc's malloc tuned or not, side by side.
 
-    python bench/prior_speed.py --old build/prior/ddfm-small-v1.safetensors --reps 3
+    python bench/prior_speed.py --other build/prior/v2/ddfm-small.safetensors --reps 3
 
 Runs ``ddfm-fast fuse IR VIS -o OUT`` on the 640x480 MSRS pair of the README (default steps of each model) as
 a subprocess, interleaving the variants round by round so that a change in the machine's load hits all of them
-alike: the shipped prior (the default, no ``--checkpoint``) and ``--old`` (a previous prior's file, via
-``--checkpoint``), each with the allocator tuning of the command line (``ddfm_fast._alloc``) and without it
+alike: the shipped prior (the default, no ``--checkpoint``) and ``--other`` (another prior's file: the previous
+one or a candidate, via ``--checkpoint``), each with the allocator tuning of the command line (``ddfm_fast._alloc``) and without it
 (``DDFM_FAST_MALLOC=default``). Wall, user and system seconds of each run come from ``os.wait4``; the report
 gives their medians and checks that tuned and untuned runs of one prior write identical files. Writes
 ``bench/results/prior_speed.json`` and ``.md``.
@@ -47,7 +47,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--old", required=True, help="weights file of the previous prior")
+    p.add_argument("--other", required=True, help="weights file of the prior to compare with the shipped one")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "prior_speed.json"))
     p.add_argument("--workdir", default=str(REPO / "build" / "prior_speed"))
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {
         "shipped prior, malloc tuned": ([], {}),
         "shipped prior, malloc default": ([], {"DDFM_FAST_MALLOC": "default"}),
-        "old prior, malloc tuned": (["--checkpoint", args.old], {}),
-        "old prior, malloc default": (["--checkpoint", args.old], {"DDFM_FAST_MALLOC": "default"}),
+        "other prior, malloc tuned": (["--checkpoint", args.other], {}),
+        "other prior, malloc default": (["--checkpoint", args.other], {"DDFM_FAST_MALLOC": "default"}),
     }
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     loads = []
@@ -75,22 +75,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"load {loads[-1]:.1f}", flush=True)
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     same = {prior: filecmp.cmp(work / f"{prior}_prior_malloc_tuned.png", work / f"{prior}_prior_malloc_default.png",
-                               shallow=False) for prior in ("shipped", "old")}
+                               shallow=False) for prior in ("shipped", "other")}
     report = {
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
         "torch": torch.__version__, "threads": "torch default (all cores)",
         "command": f"ddfm-fast fuse {IR} {VIS} -o OUT.png --overwrite [--checkpoint OLD]",
-        "pair": str(IR.name), "old": args.old, "reps": args.reps, "load_average_1min": loads,
+        "pair": str(IR.name), "other": args.other, "reps": args.reps, "load_average_1min": loads,
         "runs": runs, "median": med, "identical_output_tuned_vs_default": same,
     }
     out = Path(args.out)
     out.write_text(json.dumps(report, indent=1))
-    lines = ["# The README command, whole: shipped vs old prior, malloc tuned vs not", "",
+    lines = ["# The README command, whole: shipped vs other prior, malloc tuned vs not", "",
              f"Generated {report['generated']} by `bench/prior_speed.py` on {report['machine']}, torch "
              f"{report['torch']}, {args.reps} interleaved rounds, 1-minute load average during the runs "
              f"{min(loads):.1f}-{max(loads):.1f} (other jobs shared the machine). `ddfm-fast fuse` of the 640x480 MSRS "
-             "pair 00004N with each model's default steps; old prior: `--checkpoint " + args.old + "`.", "",
+             "pair 00004N with each model's default steps; other prior: `--checkpoint " + args.other + "`.", "",
              "| variant | wall s (median) | user s | system s | max RSS MB |", "| --- | --- | --- | --- | --- |"]
     for k, v in med.items():
         lines.append(f"| {k} | {v['wall_s']:.2f} | {v['user_s']:.2f} | {v['sys_s']:.2f} | {v['maxrss_mb']:.0f} |")

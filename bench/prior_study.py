@@ -144,8 +144,11 @@ def denoise_study(models: dict[str, nn.Module], timesteps: list[int], x0: torch.
 
 
 def fusion_study(models: dict[str, nn.Module], steps_list: list[int], sets: list[str], pairs: int,
-                 max_side: int) -> dict:
+                 max_side: int, reuse: dict | None = None) -> dict:
+    """Mean fused metrics per set for EM only and every model at every step count. ``reuse``: an earlier run's
+    ``fusion`` dict with the same pairs and size; entries found there are taken over instead of recomputed."""
     out: dict = {}
+    reuse = reuse or {}
     for name, rel, a_dir, b_dir, _ in qr.SETS:
         if name not in sets:
             continue
@@ -153,10 +156,14 @@ def fusion_study(models: dict[str, nn.Module], steps_list: list[int], sets: list
         stems = sorted(p.name for p in (folder / a_dir).iterdir())[:pairs]
         loaded = [qr._load_pair(folder, a_dir, b_dir, n, max_side) for n in stems]
         res: dict = {"pairs": stems}
+        old = reuse.get(name, {}) if reuse.get(name, {}).get("pairs") == stems else {}
         for steps in steps_list:
             rows = [qr._score(qr._fuse_em(a, b, steps)[0], a, b) for a, b in loaded]
             res[f"em_only@{steps}"] = qr._mean(rows)
             for mname, net in models.items():
+                if f"{mname}@{steps}" in old:
+                    res[f"{mname}@{steps}"] = {**old[f"{mname}@{steps}"], "reused": True}
+                    continue
                 t0 = time.perf_counter()
                 rows = [qr._score(qr._fuse_prior(net, a, b, steps)[0], a, b) for a, b in loaded]
                 res[f"{mname}@{steps}"] = {**qr._mean(rows), "seconds_per_pair": (time.perf_counter() - t0) / len(rows)}
@@ -170,7 +177,7 @@ def _ivf_means(fusion: dict) -> dict:
     """Means over the IVF sets of every method@steps, with the wins against EM only at the same steps."""
     keys = {k for s in qr.IVF if s in fusion for k in fusion[s] if "@" in k}
     means = {}
-    for k in sorted(keys):
+    for k in sorted(keys, key=lambda k: (k.split("@")[0] != "em_only", k.split("@")[0], int(k.split("@")[1]))):
         means[k] = {m: float(np.mean([fusion[s][k][m] for s in qr.IVF if s in fusion])) for m in FUSION_KEYS}
     for k, v in means.items():
         em = means.get(f"em_only@{k.split('@')[1]}")
@@ -182,7 +189,7 @@ def _ivf_means(fusion: dict) -> dict:
 def _markdown(report: dict) -> str:
     lines = ["# What limits the small prior", "", f"Generated {report['generated']} by `bench/prior_study.py` "
              f"({report['machine']}, CPU, {report['threads']} thread(s), torch {report['torch']}). "
-             f"Command: `{report['command']}`.", ""]
+             f"Command: `{report['command']}`.", ""] + ([report["note"], ""] if report.get("note") else [])
     if "denoise" in report:
         d = report["denoise"]
         models = report["models"]
@@ -197,7 +204,10 @@ def _markdown(report: dict) -> str:
     if "fusion" in report:
         f = report["fusion"]
         lines += ["## Fused metrics against steps", "", f"First {report['fusion_settings']['pairs']} pairs per set, "
-                  f"longer side <= {report['fusion_settings']['max_side']} px.", ""]
+                  f"longer side <= {report['fusion_settings']['max_side']} px."
+                  + (f" Rows of models already measured by `{report['fusion_reused_from']['command']}` "
+                     f"({report['fusion_reused_from']['generated']}) are taken from that run."
+                     if "fusion_reused_from" in report else ""), ""]
         lines += ["### IVF sets together", "", "| method@steps | " + " | ".join(FUSION_KEYS) + " | wins vs EM only |",
                   "| --- | " + " | ".join("---" for _ in FUSION_KEYS) + " | --- |"]
         for k, v in report["ivf_means"].items():
@@ -206,7 +216,8 @@ def _markdown(report: dict) -> str:
         for s, res in f.items():
             lines += ["", f"### {s}", "", "| method@steps | " + " | ".join(FUSION_KEYS) + " |",
                       "| --- | " + " | ".join("---" for _ in FUSION_KEYS) + " |"]
-            for k, v in res.items():
+            for k, v in sorted(res.items(), key=lambda kv: (kv[0].split("@")[0] != "em_only", kv[0].split("@")[0],
+                                                             int(kv[0].split("@")[1]) if "@" in kv[0] else 0)):
                 if "@" in k:
                     lines.append(f"| {k} | " + " | ".join(qr._fmt(v[m]) for m in FUSION_KEYS) + " |")
         lines.append("")
@@ -216,7 +227,8 @@ def _markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(HERE / "results" / "prior_study.json"))
-    p.add_argument("--models", default="ddfm-small", help="comma list of preset names or weights files")
+    p.add_argument("--models", default="ddfm-small",
+                   help="comma list of preset names or weights files, each optionally NAME=FILE")
     p.add_argument("--what", default="denoise,fusion")
     p.add_argument("--holdout-every", type=int, default=10)
     p.add_argument("--crop", type=int, default=128)
@@ -228,27 +240,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-side", type=int, default=320)
     p.add_argument("--blur-prior", action="store_true", help="also fuse with the fitted blur as the prior")
     p.add_argument("--blur-from", default=None, help="take the blur widths from an earlier run's JSON")
+    p.add_argument("--blur-floors", default="", help="also fuse with the blur kept at least this wide (px list)")
+    p.add_argument("--reuse", default=None, help="an earlier run's JSON: take over its fusion rows (same pairs)")
+    p.add_argument("--note", default="", help="a line of context for the markdown report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    models = {m: ddfm_fast.load_model(m) for m in args.models.split(",") if m}
-    names = {m: Path(m).stem if Path(m).suffix else m for m in models}
-    models = {names[m]: net for m, net in models.items()}
+    models = {}
+    for spec in filter(None, args.models.split(",")):
+        name, _, src = spec.rpartition("=")
+        models[name or (Path(src).stem if Path(src).suffix else src)] = ddfm_fast.load_model(src)
     report: dict = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                     "torch": torch.__version__, "threads": args.threads,
                     "command": " ".join(["python", "bench/prior_study.py", *(argv if argv is not None else sys.argv[1:])]),
-                    "models": list(models)}
+                    "models": list(models), "note": args.note}
     what = args.what.split(",")
     sigmas: dict[int, float] = {}
     if args.blur_from:
-        rows = json.loads(Path(args.blur_from).read_text())["denoise"]["rows"]
+        prev_denoise = json.loads(Path(args.blur_from).read_text())["denoise"]
+        rows = prev_denoise["rows"]
+        if "denoise" not in what:  # keep the measurement the widths come from in this report
+            report["denoise"] = {**prev_denoise, "from": args.blur_from}
         sigmas = {r["t"]: float("inf") if r["blur_best_sigma"] == "mean" else r["blur_best_sigma"] for r in rows}
         report["blur_from"] = args.blur_from
-    if "denoise" in what or (args.blur_prior and not sigmas):
+    if "denoise" in what or ((args.blur_prior or args.blur_floors) and not sigmas):
         ts = sorted({t for n in args.denoise_steps.split(",") for t in space_timesteps(NUM_TRAIN_TIMESTEPS, int(n))})
         x0, files = heldout_crops(args.holdout_every, args.crop, args.images)
         d = denoise_study(models if "denoise" in what else {}, ts, x0, args.seed)
@@ -259,9 +278,19 @@ def main(argv: list[str] | None = None) -> int:
         fmodels = dict(models)
         if args.blur_prior:
             fmodels["blur"] = BlurPrior(sigmas, default_steps=20)
+        for floor in filter(None, args.blur_floors.split(",")):
+            # The same blur, never narrower than `floor` px: an x0 that stays smooth down to t = 0.
+            fmodels[f"blur-min{floor}px"] = BlurPrior({t: max(sg, float(floor)) for t, sg in sigmas.items()}, 20)
         report["fusion_settings"] = {"pairs": args.pairs, "max_side": args.max_side, "steps": args.steps}
+        reuse = None
+        if args.reuse:
+            prev = json.loads(Path(args.reuse).read_text())
+            if prev.get("fusion_settings", {}).get("max_side") == args.max_side:
+                reuse = prev.get("fusion")
+                report["fusion_reused_from"] = {"file": args.reuse, "command": prev.get("command"),
+                                                "generated": prev.get("generated")}
         report["fusion"] = fusion_study(fmodels, [int(s) for s in args.steps.split(",")], args.sets.split(","),
-                                        args.pairs, args.max_side)
+                                        args.pairs, args.max_side, reuse)
         report["ivf_means"] = _ivf_means(report["fusion"])
     out.write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text(_markdown(report))
