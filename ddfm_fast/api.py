@@ -131,6 +131,8 @@ def split_images(src: Any, name: str) -> list[Any]:
         return [one for item in src for one in split_images(item, name)]
     if isinstance(src, torch.Tensor):
         t = src.detach().cpu()
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()  # numpy has no bfloat16
         if t.ndim == 4:
             return [_chw_to_hwc(x, name) for x in t]
         if t.ndim == 3:
@@ -138,8 +140,8 @@ def split_images(src: Any, name: str) -> list[Any]:
         if t.ndim == 2:
             return [t.numpy()]
         raise ValueError(f"{name}: a tensor image must be (H, W), (C, H, W) or (N, C, H, W), got {tuple(t.shape)}")
-    if isinstance(src, np.ndarray) and src.ndim == 4:
-        return list(src)
+    if isinstance(src, np.ndarray) and src.ndim == 4:  # (N, H, W, C)
+        return [x[..., 0] if x.shape[-1] == 1 else x for x in src]
     return [src]
 
 
@@ -336,8 +338,14 @@ def fuse(
     """
     cfg = (config or SamplerConfig()).replace(**options) if options else (config or SamplerConfig())
     accel_cfg = AccelConfig.preset(accel)
+    if color not in (False, None, True, "vis", "ir"):
+        raise ValueError(f"color must be True, False, 'vis' or 'ir', got {color!r}")
+    if resize not in (None, "ir", "vis"):
+        raise ValueError(f"resize must be None, 'ir' or 'vis', got {resize!r}")
     irs, viss = split_images(ir, "ir"), split_images(vis, "vis")
-    many = len(irs) != 1 or isinstance(ir, (list, tuple)) or (isinstance(ir, torch.Tensor) and ir.ndim == 4)
+    many = len(irs) != 1 or any(isinstance(x, (list, tuple)) or (getattr(x, "ndim", 0) == 4 and
+                                                                  isinstance(x, (torch.Tensor, np.ndarray)))
+                                for x in (ir, vis))
     if len(irs) != len(viss):
         raise ValueError(f"ir holds {len(irs)} image(s) and vis {len(viss)}; give one of each, or as many of both")
     if not irs:
@@ -346,6 +354,8 @@ def fuse(
         raise ValueError("prior='none' is EM only (ablation I) and uses no model; do not pass a model/checkpoint")
     if device is not None:
         dev = check_device(device)
+        if isinstance(model, nn.Module) and dev.type == "cuda" and dev.index is None:
+            dev = next(iter(model.parameters()), torch.empty(0, device=dev)).device  # "cuda": the model's GPU
     elif isinstance(model, nn.Module):
         dev = next(iter(model.parameters()), torch.empty(0)).device
     else:
@@ -353,7 +363,13 @@ def fuse(
     with torch.no_grad():
         pairs = [prepare_pair(a, b, cfg.size_policy, resize=resize) for a, b in zip(irs, viss)]
         net = None if cfg.prior == "none" else resolve_model(model, model_config=model_config, device=dev)
-        results = fuse_prepared(pairs, cfg, accel_cfg, net, dev, callback=callback)
+        try:
+            results = fuse_prepared(pairs, cfg, accel_cfg, net, dev, callback=callback)
+        finally:
+            if net is not None and not isinstance(model, nn.Module):
+                # A model loaded here is not seen again: cached samplers drop its runners and copies.
+                for sampler in _SAMPLERS.values():
+                    sampler.release(net)
     if color:
         for res, pair, a, b in zip(results, pairs, irs, viss):
             source = colour_source(a, b, color)
@@ -385,7 +401,8 @@ def fuse_prepared(pairs: Sequence[PreparedPair], config: SamplerConfig, accel: A
             for b, k in enumerate(members):
                 results[k] = postprocess_luma(F[b, 0], pairs[k].out_hw)
             continue
-        assert model is not None
+        if model is None:
+            raise ValueError("fuse_prepared: a diffusion prior needs a model (prior='none' needs none)")
         sampler = _sampler_for(cfg, accel)
         x_start = torch.cat([initial_noise((1, 3, *hw), cfg.seed) for _ in members]).to(device)
         out = sampler.sample(model, x_start, I, V, callback=callback)

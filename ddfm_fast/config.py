@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -45,7 +46,16 @@ class ConfigError(ValueError):
     """A sampler or acceleration option is out of range; the message names the option."""
 
 
+def _as_int(value: Any) -> Any:
+    """A Python int for any integer type (numpy's too); other values unchanged (bools stay bools)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        return value
+    return operator.index(value)
+
+
 def _positive_finite(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -60,6 +70,7 @@ def _normalise_steps(steps: Optional[Respacing], prior: str,
     """A hashable respacing (int, str or tuple of ints) that the schedule accepts, or None (model default)."""
     if steps is None:
         return None
+    steps = _as_int(steps)
     if isinstance(steps, bool):
         raise ConfigError("steps must be an int, 'N', 'N1,N2' or 'ddimN', not a bool")
     if prior == "none":
@@ -69,16 +80,28 @@ def _normalise_steps(steps: Optional[Respacing], prior: str,
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"steps with prior 'none' count EM iterations and must be an int >= 1, got {steps!r}")
         return steps
+    # One spelling per respacing, so equal respacings compare equal (resume, caches): N as an int, a comma list as a
+    # tuple of ints (a one-element list is N), 'ddimN' without spaces.
     if isinstance(steps, str):
-        text = steps.strip()
-        value: Union[int, str, tuple[int, ...]] = int(text) if text.isdigit() else text
+        text = "".join(steps.split())
+        if text.isdigit():
+            value: Union[int, str, tuple[int, ...]] = int(text)
+        elif "," in text and not text.startswith("ddim"):
+            try:
+                value = tuple(int(c) for c in text.split(","))
+            except ValueError:
+                raise ConfigError(f"steps {steps!r}: expected an int, 'N', a comma list 'N1,N2' or 'ddimN'") from None
+        else:
+            value = text
     elif isinstance(steps, int):
         value = steps
     else:
         try:
-            value = tuple(int(c) for c in steps)
-        except (TypeError, ValueError):
+            value = tuple(operator.index(c) for c in steps)
+        except TypeError:
             raise ConfigError(f"steps must be an int, 'N', 'N1,N2' or 'ddimN', got {steps!r}") from None
+    if isinstance(value, tuple) and len(value) == 1:
+        value = value[0]
     try:
         kept = space_timesteps(train_timesteps, value)
     except (TypeError, ValueError) as exc:
@@ -129,6 +152,11 @@ class SamplerConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         if self.prior not in PRIORS:
             raise ConfigError(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
+        set_("train_timesteps", _as_int(self.train_timesteps))
+        set_("seed", _as_int(self.seed))
+        if type(self.clip).__module__ == "numpy" and getattr(self.clip, "dtype", None) is not None \
+                and self.clip.dtype.kind == "b":  # numpy's bool
+            set_("clip", bool(self.clip))
         if isinstance(self.train_timesteps, bool) or not isinstance(self.train_timesteps, int) \
                 or self.train_timesteps < 1:
             raise ConfigError(f"train_timesteps must be an int >= 1, got {self.train_timesteps!r}")
@@ -142,6 +170,8 @@ class SamplerConfig:
         if not isinstance(self.clip, bool):
             raise ConfigError(f"clip must be True or False, got {self.clip!r}")
         if self.tv_threshold is not None:
+            if isinstance(self.tv_threshold, bool):
+                raise ConfigError(f"tv_threshold must be a number, got {self.tv_threshold!r}")
             try:
                 set_("tv_threshold", float(self.tv_threshold))
             except (TypeError, ValueError):

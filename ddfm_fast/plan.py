@@ -172,7 +172,8 @@ def _resolve_backend(requested: str, device: torch.device, env: Mapping[str, str
     reasons = triton_not_supported_reasons(device, env)
     if requested == "triton":
         if reasons:
-            raise BackendError("backend 'triton' cannot run here: " + "; ".join(reasons))
+            asked = f"{ENV_BACKEND}=triton" if override == "triton" else "backend 'triton'"
+            raise BackendError(f"{asked} cannot run here: " + "; ".join(reasons))
         return "triton", []
     if not reasons and device.type == "cuda" and env.get("TRITON_INTERPRET") != "1":
         return "triton", []
@@ -224,7 +225,8 @@ def plan(device: torch.device | str, accel: Optional[AccelConfig] = None,
         if not cuda:
             reasons.append("CUDA graphs: need a CUDA device")
     elif graphs and not cuda:
-        reasons.append(f"CUDA graphs: asked for, but they need a CUDA device; running without graphs on {dev.type}")
+        warns.append(f"CUDA graphs were asked for, but they need a CUDA device; running without graphs on "
+                     f"{dev.type}")
         graphs = False
 
     channels_last = bool(accel.channels_last)

@@ -73,6 +73,11 @@ def check_inputs(x_start: torch.Tensor, I: torch.Tensor, V: torch.Tensor) -> Non
         raise TypeError(f"x_start must be float32 (the sampler's state is fp32), got {x_start.dtype}")
 
 
+def _weights_version(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or written in place (address and version counter)."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
 def _fresh_step() -> Callable[..., None]:
     """:func:`ddfm_step` with a code object of its own, so its compiled-graph cache is its own."""
     return types.FunctionType(ddfm_step.__code__.replace(), ddfm_step.__globals__, ddfm_step.__name__,
@@ -98,6 +103,7 @@ class _Runner:
                                     backend=plan_.compile_backend)
         self.graph: Optional["torch.cuda.CUDAGraph"] = None
         self.warm = False
+        self.source: Optional[nn.Module] = None  # the caller's model (``args[0]`` may be a prepared copy of it)
 
     def call(self) -> None:
         self.fn(*self.args, **self.kwargs)
@@ -178,7 +184,8 @@ class DDFMSampler:
         self._tables: dict[torch.device, StepTable] = {}
         self._plans: dict[torch.device, ExecutionPlan] = {}
         self._runners: dict[tuple, _Runner] = {}  # least recently used first
-        self._models: dict[tuple, tuple[nn.Module, nn.Module]] = {}  # (id, dtype, cl) -> (original, prepared)
+        # (id, dtype, channels_last, device) -> (original, prepared copy, weights version of the original)
+        self._models: dict[tuple, tuple[nn.Module, nn.Module, tuple]] = {}
 
     @property
     def num_steps(self) -> int:
@@ -198,33 +205,53 @@ class DDFMSampler:
             self._plans[device] = plan(device, self.accel)
         return self._plans[device]
 
-    def prepared_model(self, model: nn.Module, plan_: ExecutionPlan) -> nn.Module:
-        """``model`` in the plan's dtype and memory format: the model itself when nothing changes, else a copy."""
+    def prepared_model(self, model: nn.Module, plan_: ExecutionPlan, device: torch.device) -> nn.Module:
+        """``model`` in the plan's dtype and memory format: the model itself when nothing changes, else a copy.
+
+        A copy is shared by the runners of that model and made again when the caller's weights change in place
+        (tracked by each tensor's address and version counter), so a copy never serves stale weights.
+        """
         dtype = torch_dtype(plan_.dtype)
         current = next(iter(model.parameters()), torch.empty(0)).dtype
         if dtype == current and not plan_.channels_last:
             return model
-        key = (id(model), plan_.dtype, plan_.channels_last)
-        if key not in self._models:
+        key = (id(model), plan_.dtype, plan_.channels_last, device)
+        version = _weights_version(model)
+        held = self._models.get(key)
+        if held is None or held[2] != version:
             prepared = copy.deepcopy(model).to(dtype=dtype)
             if plan_.channels_last:
                 prepared = prepared.to(memory_format=torch.channels_last)
-            self._models[key] = (model, prepared.eval())  # the original is held so its id is not reused
+            self._models[key] = (model, prepared.eval(), version)  # the original is held so its id is not reused
         return self._models[key][1]
 
     def _runner(self, model: nn.Module, x_start: torch.Tensor) -> _Runner:
         device = x_start.device
         plan_ = self.plan(device)
-        key = (id(model), *x_start.shape, device, plan_.compile, plan_.cuda_graphs)
-        if key in self._runners:
-            self._runners[key] = self._runners.pop(key)  # most recently used last
-            return self._runners[key]
+        key = (id(model), *x_start.shape, device)
+        net = self.prepared_model(model, plan_, device)
+        runner = self._runners.pop(key, None)
+        if runner is not None and runner.args[0] is net:
+            self._runners[key] = runner  # most recently used last
+            return runner
+        if runner is not None:  # the prepared copy was renewed: the old runner's step is bound to stale weights
+            runner.release()
         while len(self._runners) >= self.max_runners:
             self._runners.pop(next(iter(self._runners))).release()
         b, _, h, w = x_start.shape
-        net = self.prepared_model(model, plan_)
         self._runners[key] = _Runner(net, (b, h, w), device, self.table(device), self.config, plan_)
+        self._runners[key].source = model
+        live = {id(r.source) for r in self._runners.values()}
+        for k in [k for k in self._models if k[0] not in live]:  # copies of models no runner uses any more
+            del self._models[k]
         return self._runners[key]
+
+    def release(self, model: nn.Module) -> None:
+        """Release the runners and prepared copies of one model (e.g. one the caller will not use again)."""
+        for key in [k for k, r in self._runners.items() if r.source is model]:
+            self._runners.pop(key).release()
+        for key in [k for k in self._models if k[0] == id(model)]:
+            del self._models[key]
 
     def close(self) -> None:
         """Release every runner (buffers, compiled steps, CUDA graphs and their pools) and prepared model copies."""
@@ -264,6 +291,7 @@ class DDFMSampler:
             stage = NONFINITE_STAGES[bad.index(True)]
             raise NonFiniteError(f"the sample went non-finite (NaN or inf) in {stage}; nothing was written. "
                                  "Check the checkpoint's weights and the lamb / rho values")
-        # At idx = 0, ac_prev = 1: x_{-1} equals x0' exactly; the official loop returns x_prev.
+        # At idx = 0, ac_prev = 1: x_{-1} equals x0' exactly; the official loop returns x_prev. The state is the
+        # runner's buffer (the next sample of this shape overwrites it): clone it to keep it.
         return SampleResult(sample=buf.x.clone(), state=buf.state, plan=runner.plan,
                             compile_seconds=compile_seconds)

@@ -80,7 +80,7 @@ class TritonTail:
     """The Triton tail's workspace tensors (``ddfm_fast.kernels.em_tail.TailWorkspace``) and its output buffer."""
 
     numerator: torch.Tensor
-    spectrum: torch.Tensor
+    spectrum: torch.Tensor  # the rfft2 workspace as its real view (..., 2) float32 (see _triton_step_tail)
     denom: torch.Tensor
     partials: torch.Tensor
     colour: torch.Tensor
@@ -91,7 +91,7 @@ class TritonTail:
         from ddfm_fast.kernels.em_tail import TailWorkspace
 
         ws = TailWorkspace.create(I, rgb=True)
-        return cls(ws.numerator, ws.spectrum, ws.denom, ws.partials, ws.colour, ws.x_prev)
+        return cls(ws.numerator, torch.view_as_real(ws.spectrum), ws.denom, ws.partials, ws.colour, ws.x_prev)
 
 
 def ddfm_step(model: nn.Module, buf: StepBuffers, table: StepTable, cfg: SamplerConfig, *,
@@ -154,14 +154,20 @@ def _triton_step_tail(x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, 
                       partials: torch.Tensor, colour: torch.Tensor, lamb: float, rho: float, tau_per_image: bool,
                       clip: bool, soft: bool, kappa: float) -> None:
     """The Triton step tail (``kernels/em_tail.py``); it writes only through its arguments, which under
-    functionalization may be copies of the sampler's buffers."""
+    functionalization may be copies of the sampler's buffers.
+
+    ``spectrum`` (the rfft2 workspace) arrives as its real view, (..., 2) float32, made once outside the step:
+    inductor's functionalization cannot re-apply a custom op's mutation of a complex tensor, nor of a view taken
+    inside the compiled graph (its decomposition asserts), while a real buffer it handles.
+    """
     from ddfm_fast.kernels.em_tail import TailWorkspace, default_tiles, step_tail_triton
 
     B, _, h, w = I.shape
     tiles = default_tiles(I.device, h, w)
     n_tiles_w = -(-w // tiles.block_w)
     ws = TailWorkspace(shape=(B, 1, h, w), device=I.device, tiles=tiles, n_tiles_w=n_tiles_w,
-                       n_tiles=-(-h // tiles.block_h) * n_tiles_w, numerator=numerator, spectrum=spectrum,
+                       n_tiles=-(-h // tiles.block_h) * n_tiles_w, numerator=numerator,
+                       spectrum=torch.view_as_complex(spectrum),
                        denom=denom, partials=partials, colour=colour, x_prev=x_next, x0=x0, F=None)
     # The Triton tail reads and writes only the iterated EM variables; the OTFs live in the workspace (denom).
     state = EMState(C=C, D=D, F1=F1, F2=F2, H=H, tau_a=tau_a, tau_b=tau_b, otf_k1=None, otf_k2=None,  # type: ignore[arg-type]

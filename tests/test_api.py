@@ -130,3 +130,18 @@ def test_the_shipped_examples_fuse(kind, size):
     assert res.size == size and res.color is not None
     with pytest.raises(ValueError, match="unknown example"):
         example_pair("xray")
+
+
+def test_odd_inputs_and_options_fail_before_any_work(pair):
+    ir, vis = pair
+    with pytest.raises(ValueError, match="color must be"):
+        ddfm_fast.fuse(ir, vis, color="rgb", **EM3)
+    with pytest.raises(ValueError, match="resize must be"):
+        ddfm_fast.fuse(ir, vis, resize="bogus", **EM3)
+    half = torch.from_numpy(ir)[None].to(torch.bfloat16) / 255
+    res = ddfm_fast.fuse(half, vis, **EM3)  # bf16 tensors are read as float
+    assert res.size == (64, 96)
+    nhwc = np.stack([vis, vis])  # a 4-D array is a batch, as a 4-D tensor is
+    out = ddfm_fast.fuse(np.stack([ir, ir])[..., None], nhwc, **EM3)
+    assert isinstance(out, list) and len(out) == 2
+    assert isinstance(ddfm_fast.fuse(ir[None, ..., None], vis[None], **EM3), list)

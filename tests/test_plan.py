@@ -41,7 +41,7 @@ def test_explicit_slow_switches_on_a_cpu_are_honoured_with_a_warning():
     assert any("fp16 on a CPU" in w for w in p.warnings)
     assert any("torch.compile on a CPU" in w for w in p.warnings)
     graphs = plan("cpu", AccelConfig(cuda_graphs=True), {})
-    assert graphs.cuda_graphs is False and any("need a CUDA device" in r for r in graphs.reasons)
+    assert graphs.cuda_graphs is False and any("need a CUDA device" in w for w in graphs.warnings)
 
 
 def test_fallbacks_are_recorded_and_warned():
@@ -69,3 +69,9 @@ def test_cuda_on_a_machine_without_it_is_a_clear_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(BackendError, match="CUDA is not available"):
         check_device("cuda")
+
+
+def test_an_environment_override_that_cannot_run_names_the_variable(monkeypatch):
+    monkeypatch.setenv("DDFM_FAST_BACKEND", "triton")
+    with pytest.raises(BackendError, match="DDFM_FAST_BACKEND=triton cannot run here"):
+        plan("cpu", AccelConfig(), {"DDFM_FAST_BACKEND": "triton"})
