@@ -209,15 +209,24 @@ def prepare_pair(ir: io.ImageInput, vis: io.ImageInput, size_policy: io.SizePoli
                  resize: Optional[Literal["ir", "vis"]] = None) -> PreparedPair:
     """Read both images as the official driver does, check their sizes agree (or resize), apply the size policy."""
     if resize is None:
-        # From the headers, before either image is decoded, so a mismatch costs nothing to report. Sizes equal up to
-        # a quarter turn wait for the decode, which knows the EXIF orientation for certain.
-        ir_wh, vis_wh = io.image_size(ir), io.image_size(vis)
-        if sorted(ir_wh) != sorted(vis_wh):
-            raise _size_mismatch(_describe(ir), ir_wh, _describe(vis), vis_wh)
+        check_header_sizes(ir, vis)
     ir_gray = io.read_gray(ir, name="ir")
     vis_gray = io.read_gray(vis, name="vis")
     return prepare_arrays(ir_gray, vis_gray, size_policy, ir_name=_describe(ir), vis_name=_describe(vis),
                           resize=resize)
+
+
+def check_header_sizes(ir: io.ImageInput, vis: io.ImageInput) -> None:
+    """Raise the size-mismatch ``ValueError`` from the two headers, before either image is decoded (a mismatch
+    then costs nothing to report). Sizes equal up to a quarter turn wait for the decode, which knows the EXIF
+    orientation for certain."""
+    ir_wh, vis_wh = io.image_size(ir), io.image_size(vis)
+    cap = io.pixel_cap()
+    for src, (w, h) in ((ir, ir_wh), (vis, vis_wh)):  # the cap is the first thing a header is checked for
+        if w * h > cap:
+            raise io.too_big(_describe(src), w, h, cap)
+    if sorted(ir_wh) != sorted(vis_wh):
+        raise _size_mismatch(_describe(ir), ir_wh, _describe(vis), vis_wh)
 
 
 def prepare_arrays(ir_gray: np.ndarray, vis_gray: np.ndarray, size_policy: io.SizePolicy, *,

@@ -192,7 +192,8 @@ def pixel_cap(limit: int | None = None) -> int:
     return int(text.replace("_", ""))
 
 
-def _too_big(label: str, w: int, h: int, cap: int) -> ImageReadError:
+def too_big(label: str, w: int, h: int, cap: int) -> ImageReadError:
+    """The error for an image whose header is over the pixel cap."""
     return ImageReadError(
         f"{label}: its header says {w}x{h} = {w * h} pixels, more than ddfm-fast's cap of {cap} ({cap / 1e6:g} MP); "
         f"nothing was decoded. If the image is real, raise the cap with {MAX_PIXELS_ENV}=N or max_pixels=N"
@@ -280,7 +281,7 @@ def _check_header(img: Image.Image, label: str, cap: int) -> None:
     if w < 1 or h < 1:
         raise ImageReadError(f"{label}: its header says {w}x{h}, an image without pixels")
     if w * h > cap:
-        raise _too_big(label, w, h, cap)
+        raise too_big(label, w, h, cap)
     with _pillow_limit_lifted():  # counting frames reads each frame's header (GIF), where Pillow checks sizes
         frames = int(getattr(img, "n_frames", 1))
     # An MPO file (a camera JPEG with a preview or depth image appended) is one picture: its first image is the
@@ -587,7 +588,7 @@ def _pixels_of(src: Any, name: str | None, cap: int) -> tuple[np.ndarray, str]:
     if isinstance(src, Image.Image):
         w, h = src.size
         if w * h > cap:
-            raise _too_big(label, w, h, cap)
+            raise too_big(label, w, h, cap)
         try:
             return _pil_pixels(ImageOps.exif_transpose(src), label), label
         except ImageReadError:

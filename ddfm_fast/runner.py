@@ -242,6 +242,11 @@ def read_pair(pair: Pair, run: RunConfig) -> ReadPair:
 
     r = run.roles
     try:
+        if run.resize is None:
+            api.check_header_sizes(pair.ir, pair.vis)
+    except ValueError as exc:  # an ImageReadError (a bad header) or the two sizes differ
+        raise PairError(str(exc)) from exc
+    try:
         ir_img, vis_img = io.open_image(pair.ir), io.open_image(pair.vis)
         ir, vis = io.read_gray(ir_img, name=str(pair.ir)), io.read_gray(vis_img, name=str(pair.vis))
         color = None

@@ -609,3 +609,25 @@ def test_debug_shows_the_traceback_and_only_then(tmp_path: Path, pair, monkeypat
     # An error with a cause (a one-line ClickException) shows the cause's traceback with --debug.
     res = run("--debug", "fuse", tmp_path / "missing.png", pair[1], "-o", tmp_path / "o.png", *EM)
     assert res.exit_code == 1 and "no such file" in res.output
+
+
+def test_a_folder_pair_of_different_sizes_is_refused_from_the_headers(tmp_path: Path, monkeypatch) -> None:
+    """A 140-byte PNG whose header claims 12000x12000 (within a raised cap) beside a small image: refused as a
+    size mismatch from the two headers; neither image is decoded."""
+    ins = folders(tmp_path, "g")
+    (tmp_path / "ir/big.png").write_bytes(imagefiles.png_claiming(12_000, 12_000))
+    image(tmp_path / "vis/big.png", 12)
+    decoded: list[str] = []
+    real_open = io.open_image
+
+    def open_image(path, **kwargs):
+        decoded.append(Path(path).name)
+        return real_open(path, **kwargs)
+
+    monkeypatch.setattr(io, "open_image", open_image)
+    out = tmp_path / "out"
+    res = fuse(*ins, "-o", out, *EM, env={io.MAX_PIXELS_ENV: str(10**9)})
+    assert res.exit_code == 3, res.output
+    reasons = {f["stem"]: f["reason"] for f in summary(out)["failed"]}
+    assert "differ in size" in reasons["big"] and "12000x12000" in reasons["big"]
+    assert "big.png" not in decoded and "g.png" in decoded
