@@ -10,9 +10,7 @@ score run of EM only on two 96x96 MSRS crops, so nothing here needs a model.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,13 +20,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from browser import chromium  # noqa: E402 (tests/browser.py)
 from ddfm_fast import io
 from ddfm_fast.cli_eval import eval_command
 from ddfm_fast.cli_report import report_command
 from ddfm_fast.cli_score import score_command
 from ddfm_fast.report import PLOT_MISSING, build_html, load_results
 
-CHROMIUM = os.environ.get("DDFM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @click.group()
@@ -135,14 +133,8 @@ def test_score_html_and_montage(tmp_path: Path, data_dir: Path):
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed "
-                                   "(pip install playwright; the browser is the system's chromium)")
-    if CHROMIUM is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium; or set DDFM_CHROMIUM)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def test_report_renders_in_chromium(browser, results: Path, tmp_path: Path):

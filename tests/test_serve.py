@@ -14,7 +14,6 @@ import io as bytesio
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
+from browser import chromium  # noqa: E402 (tests/browser.py)
 from ddfm_fast import api, io
 from ddfm_fast.config import AccelConfig, SamplerConfig
 from ddfm_fast.metrics import METRIC_NAMES, evaluate, read_gray_eval
@@ -42,7 +42,6 @@ from ddfm_fast.web.jobs import (JobManager, JobRequest, Limits, QueueFull, Reque
 
 CROP = (0, 0, 128, 96)  # left, top, right, bottom: small enough for seconds on a CPU, above VIF's 65x65 minimum
 SERVER_START_S = 180  # importing torch and loading the prior on a loaded 2-core machine
-CHROMIUM = os.environ.get("DDFM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _have_web_extra() -> bool:
@@ -347,14 +346,8 @@ def test_serve_refuses_a_remote_host_and_names_the_missing_extra(monkeypatch: py
 
 @pytest.fixture(scope="module")
 def browser(server: Server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed "
-                                   "(pip install playwright; the browser is the system's chromium)")
-    if CHROMIUM is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium; or set DDFM_CHROMIUM)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def _open(browser, server: Server):
