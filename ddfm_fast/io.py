@@ -468,6 +468,18 @@ def _png_rows_missing(fh: BinaryIO) -> tuple[int, int, bool] | None:
     return (found, expected, cut) if found < expected else None
 
 
+def _open_header(fh: Any, label: str) -> Image.Image:
+    """Pillow's lazy open of an image file (its header only), every failure an :class:`ImageReadError`."""
+    try:
+        with _pillow_limit_lifted():
+            return Image.open(fh)
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{label}: not in an image format Pillow can read (PNG, JPEG, BMP, TIFF, WebP, GIF, "
+                             "PNM, ...), or corrupt from its first bytes") from None
+    except _CORRUPT as exc:
+        raise _read_error(label, exc) from exc
+
+
 def _decode_file(path: Union[str, bytes, os.PathLike], cap: int) -> DecodedImage:
     label = display_name(path)
     try:
@@ -475,14 +487,7 @@ def _decode_file(path: Union[str, bytes, os.PathLike], cap: int) -> DecodedImage
     except FileProblem as exc:
         raise ImageReadError(f"{label}: {exc.reason}") from None
     with fh:
-        try:
-            with _pillow_limit_lifted():
-                img = Image.open(fh)
-        except UnidentifiedImageError:
-            raise ImageReadError(f"{label}: not in an image format Pillow can read (PNG, JPEG, BMP, TIFF, WebP, GIF, "
-                                 "PNM, ...), or corrupt from its first bytes") from None
-        except _CORRUPT as exc:
-            raise _read_error(label, exc) from exc
+        img = _open_header(fh, label)
         try:
             _check_header(img, label, cap)
             if img.format == "PNG":
@@ -550,17 +555,14 @@ def image_size(src: Any) -> tuple[int, int]:
     except FileProblem as exc:
         raise ImageReadError(f"{label}: {exc.reason}") from None
     with fh:
+        img = _open_header(fh, label)
         try:
-            with _pillow_limit_lifted():
-                img = Image.open(fh)
-                w, h = img.size
-                turned = _orientation(img) in _QUARTER_TURNS
-                img.close()
-        except UnidentifiedImageError:
-            raise ImageReadError(f"{label}: not in an image format Pillow can read (PNG, JPEG, BMP, TIFF, WebP, GIF, "
-                                 "PNM, ...), or corrupt from its first bytes") from None
+            w, h = img.size
+            turned = _orientation(img) in _QUARTER_TURNS
         except _CORRUPT as exc:
             raise _read_error(label, exc) from exc
+        finally:
+            img.close()
     return (h, w) if turned else (w, h)
 
 
