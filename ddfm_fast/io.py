@@ -468,26 +468,36 @@ def _png_rows_missing(fh: BinaryIO) -> tuple[int, int, bool] | None:
     return (found, expected, cut) if found < expected else None
 
 
-def _open_header(fh: Any, label: str) -> Image.Image:
-    """Pillow's lazy open of an image file (its header only), every failure an :class:`ImageReadError`."""
-    try:
-        with _pillow_limit_lifted():
-            return Image.open(fh)
-    except UnidentifiedImageError:
-        raise ImageReadError(f"{label}: not in an image format Pillow can read (PNG, JPEG, BMP, TIFF, WebP, GIF, "
-                             "PNM, ...), or corrupt from its first bytes") from None
-    except _CORRUPT as exc:
-        raise _read_error(label, exc) from exc
+@contextmanager
+def _opened_header(path: Union[str, bytes, os.PathLike]) -> Iterator[tuple[BinaryIO, Image.Image, str]]:
+    """An image file opened and parsed by Pillow up to its header (nothing decoded): ``(file, image, label)``.
 
-
-def _decode_file(path: Union[str, bytes, os.PathLike], cap: int) -> DecodedImage:
+    Every failure is an :class:`ImageReadError` naming the file: an odd file (missing, a folder, a FIFO, ...), a
+    format Pillow cannot read, a corrupt header. The file and the image are closed on exit; errors raised inside
+    the block pass through unchanged, so the caller keeps its own handling of decode errors.
+    """
     label = display_name(path)
     try:
         fh = open_regular_file(path)
     except FileProblem as exc:
         raise ImageReadError(f"{label}: {exc.reason}") from None
     with fh:
-        img = _open_header(fh, label)
+        try:
+            with _pillow_limit_lifted():
+                img = Image.open(fh)
+        except UnidentifiedImageError:
+            raise ImageReadError(f"{label}: not in an image format Pillow can read (PNG, JPEG, BMP, TIFF, WebP, GIF, "
+                                 "PNM, ...), or corrupt from its first bytes") from None
+        except _CORRUPT as exc:
+            raise _read_error(label, exc) from exc
+        try:
+            yield fh, img, label
+        finally:
+            img.close()
+
+
+def _decode_file(path: Union[str, bytes, os.PathLike], cap: int) -> DecodedImage:
+    with _opened_header(path) as (fh, img, label):
         try:
             _check_header(img, label, cap)
             if img.format == "PNG":
@@ -509,8 +519,6 @@ def _decode_file(path: Union[str, bytes, os.PathLike], cap: int) -> DecodedImage
             raise
         except _CORRUPT as exc:
             raise _read_error(label, exc) from exc
-        finally:
-            img.close()
     return DecodedImage(pixels, label)
 
 
@@ -549,20 +557,12 @@ def image_size(src: Any) -> tuple[int, int]:
         return int(src.shape[1]), int(src.shape[0])
     if not _is_path(src):
         raise TypeError(f"expected a path, a PIL image or an array, got {type(src).__name__}")
-    label = display_name(src)
-    try:
-        fh = open_regular_file(src)
-    except FileProblem as exc:
-        raise ImageReadError(f"{label}: {exc.reason}") from None
-    with fh:
-        img = _open_header(fh, label)
+    with _opened_header(src) as (_, img, label):
         try:
             w, h = img.size
             turned = _orientation(img) in _QUARTER_TURNS
         except _CORRUPT as exc:
             raise _read_error(label, exc) from exc
-        finally:
-            img.close()
     return (h, w) if turned else (w, h)
 
 
