@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from ddfm_fast.tables import LOWER_IS_BETTER, SummaryRow, best_marks
+from ddfm_fast.tables import LOWER_IS_BETTER, SummaryRow, best_marks, format_number
 
 PAPER_SIX = ("EN", "SD", "MI", "VIF", "Qabf", "SSIM")
 MAX_PAIRS = 12  # montages on one page: each is a few hundred kB of inlined JPEG
@@ -161,11 +161,7 @@ def _data_uri(img: Any, fmt: str = "JPEG") -> str:
 
 
 def _fmt(x: float, decimals: int) -> str:
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "∞" if x > 0 else "−∞"
-    return f"{x:.{decimals}f}"
+    return format_number(x, decimals, ("∞", "−∞"))
 
 
 def summary_table_html(rows: Sequence[SummaryRow], metrics: Sequence[str], decimals: int) -> str:

@@ -63,16 +63,17 @@ def best_marks(rows: Sequence[SummaryRow], metrics: Sequence[str], decimals: int
     return out
 
 
-def _num(x: float, decimals: int) -> str:
+def format_number(x: float, decimals: int, infinity: tuple[str, str] = ("inf", "-inf")) -> str:
+    """``x`` to ``decimals`` places; NaN as ``nan``, infinities as the format spells them (``infinity``)."""
     if math.isnan(x):
         return "nan"
     if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
+        return infinity[0] if x > 0 else infinity[1]
     return f"{x:.{decimals}f}"
 
 
 def _latex_num(x: float, decimals: int) -> str:
-    return ("$\\infty$" if x > 0 else "$-\\infty$") if math.isinf(x) else _num(x, decimals)
+    return format_number(x, decimals, ("$\\infty$", "$-\\infty$"))
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -117,7 +118,7 @@ def format_summary(rows: Sequence[SummaryRow], metrics: Sequence[str], fmt: str 
     def cell(r: SummaryRow, m: str, style: str) -> str:
         if m not in r.mean:
             return ""
-        num = _latex_num if style == "latex" else _num
+        num = _latex_num if style == "latex" else format_number
         text = num(float(r.mean[m]), decimals)
         if r.name in best[m]:
             text = {"text": f"{text}*", "markdown": f"**{text}**", "latex": f"\\textbf{{{text}}}"}[style]
@@ -160,7 +161,7 @@ def _csv(rows: Sequence[SummaryRow], metrics: list[str], decimals: Optional[int]
     w.writerow(["method", "count", *cols])
 
     def num(x: float) -> str:
-        return repr(float(x)) if decimals is None else _num(float(x), decimals)
+        return repr(float(x)) if decimals is None else format_number(float(x), decimals)
 
     for r in rows:
         cells = []
