@@ -154,7 +154,7 @@ def fusion_study(models: dict[str, nn.Module], steps_list: list[int], sets: list
             continue
         folder = qr.DATA / rel
         stems = sorted(p.name for p in (folder / a_dir).iterdir())[:pairs]
-        loaded = [qr._load_pair(folder, a_dir, b_dir, n, max_side) for n in stems]
+        loaded = [qr.load_pair(folder, a_dir, b_dir, n, max_side) for n in stems]
         res: dict = {"pairs": stems}
         old = reuse.get(name, {}) if reuse.get(name, {}).get("pairs") == stems else {}
         for steps in steps_list:

@@ -62,7 +62,7 @@ PAPER = {
 SHOWN = ("EN", "SD", "MI", "VIF", "Qabf", "SSIM", "SF", "AG", "SCD", "CC")
 
 
-def _load_pair(folder: Path, a_dir: str, b_dir: str, name: str, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(folder: Path, a_dir: str, b_dir: str, name: str, max_side: int) -> tuple[np.ndarray, np.ndarray]:
     a = read_gray_eval(folder / a_dir / name)
     b = read_gray_eval(folder / b_dir / name)
     h, w = a.shape
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         names = sorted(p.name for p in (folder / a_dir).iterdir())[: args.pairs]
         res = {"paper_row": paper_row, "pairs": names, "em_only": {"rows": []}, "prior": {"rows": []}}
         for n in names:
-            a, b = _load_pair(folder, a_dir, b_dir, n, args.max_side)
+            a, b = load_pair(folder, a_dir, b_dir, n, args.max_side)
             fp, tp = _fuse_prior(net, a, b, steps)
             fe, te = _fuse_em(a, b, steps)
             res["prior"]["rows"].append({"pair": n, "size": list(a.shape), "seconds": tp, **_score(fp, a, b)})
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             folder = DATA / rel
             n = sorted(p.name for p in (folder / a_dir).iterdir())[0]
-            a, b = _load_pair(folder, a_dir, b_dir, n, args.long_max_side)
+            a, b = load_pair(folder, a_dir, b_dir, n, args.long_max_side)
             pairs.append(f"{name}/{n} ({a.shape[1]}x{a.shape[0]})")
             for key, fn in (("default", lambda: _fuse_prior(net, a, b, steps)),
                             ("long", lambda: _fuse_prior(net, a, b, args.long_steps)),

@@ -27,31 +27,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import ddfm_fast  # noqa: E402
+import quality_report as qr  # noqa: E402 (bench/quality_report.py: the same pair loading)
 from ddfm_fast.checkpoint import PRESETS, resolve_preset  # noqa: E402
-from ddfm_fast.metrics import evaluate, read_gray_eval  # noqa: E402
+from ddfm_fast.metrics import evaluate  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 # (folder, file): A = infrared (ir/), B = visible (vi/)
 PAIRS = [("ivf/MSRS", "00004N.png"), ("ivf/MSRS", "00055D.png"), ("ivf/TNO", "01.png"),
          ("ivf/RoadScene", "FLIR_00211.jpg")]
 SHOWN = ("EN", "SD", "MI", "VIF", "Qabf", "SSIM")
-
-
-def _load(folder: str, name: str, max_side: int) -> tuple[np.ndarray, np.ndarray]:
-    a = read_gray_eval(DATA / folder / "ir" / name)
-    b = read_gray_eval(DATA / folder / "vi" / name)
-    h, w = a.shape
-    if max(h, w) > max_side:
-        scale = max_side / max(h, w)
-        size = (max(65, round(w * scale)), max(65, round(h * scale)))
-        a, b = (np.round(np.asarray(Image.fromarray(x).resize(size, Image.BOX), dtype=np.float32)) for x in (a, b))
-    return a.astype(np.float32), b.astype(np.float32)
 
 
 def _sha256(path: Path) -> str:
@@ -111,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     model_file = resolve_preset(args.model) if args.model in PRESETS else Path(args.model)
     net = ddfm_fast.load_model(args.model)
-    pairs = [_load(folder, name, args.max_side) for folder, name in PAIRS]
+    pairs = [qr.load_pair(DATA / folder, "ir", "vi", name, args.max_side) for folder, name in PAIRS]
     ddfm_fast.fuse(pairs[0][0].astype(np.uint8), pairs[0][1].astype(np.uint8), model=net, device="cpu", steps=3)
     load_before = os.getloadavg()
     runs: dict = {}
