@@ -88,8 +88,9 @@ class _Runner:
     """The step over static buffers for one (model, B, H, W, device): compiled and captured on first use."""
 
     def __init__(self, model: nn.Module, shape: tuple[int, int, int], device: torch.device, table: StepTable,
-                 cfg: SamplerConfig, plan_: ExecutionPlan) -> None:
+                 cfg: SamplerConfig, plan_: ExecutionPlan, source: nn.Module) -> None:
         self.plan, self.device = plan_, device
+        self.source = source  # the caller's model (``model`` may be a prepared copy of it)
         self.buf = StepBuffers.create(*shape, device, triton=plan_.backend == "triton")
         self.args = (model, self.buf, table, cfg)
         self.kwargs = dict(triton=plan_.backend == "triton", channels_last=plan_.channels_last)
@@ -103,7 +104,6 @@ class _Runner:
                                     backend=plan_.compile_backend)
         self.graph: Optional["torch.cuda.CUDAGraph"] = None
         self.warm = False
-        self.source: Optional[nn.Module] = None  # the caller's model (``args[0]`` may be a prepared copy of it)
 
     def call(self) -> None:
         self.fn(*self.args, **self.kwargs)
@@ -239,8 +239,7 @@ class DDFMSampler:
         while len(self._runners) >= self.max_runners:
             self._runners.pop(next(iter(self._runners))).release()
         b, _, h, w = x_start.shape
-        self._runners[key] = _Runner(net, (b, h, w), device, self.table(device), self.config, plan_)
-        self._runners[key].source = model
+        self._runners[key] = _Runner(net, (b, h, w), device, self.table(device), self.config, plan_, model)
         live = {id(r.source) for r in self._runners.values()}
         for k in [k for k in self._models if k[0] not in live]:  # copies of models no runner uses any more
             del self._models[k]
