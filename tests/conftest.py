@@ -23,6 +23,17 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Inductor's compiled code goes to a cache of this test session's own (unless one is named): code that other runs
+# left in the machine-wide default cache (other thread counts, CPU capabilities, concurrent writers) was seen to
+# corrupt the heap when reused here, and a test must compile what it tests.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddfm-fast-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
