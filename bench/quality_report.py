@@ -1,18 +1,20 @@
-"""Quality of the shipped small prior (ddfm-small) against EM-only fusion and the DDFM paper's published numbers.
+"""Quality of the shipped prior against EM-only fusion, another prior and the DDFM paper's published numbers.
 
-    python bench/quality_report.py --out bench/results/quality.json
+    python bench/quality_report.py --out bench/results/quality.json --max-side 480
 
 For every dev set in shared/data (IVF: RoadScene, TNO, MSRS; MIF: MRI_CT, MRI_PET, MRI_SPECT) it fuses the first
 ``--pairs`` pairs (sorted by name) with
-  (a) ddfm-small at its default step count,
+  (a) ``--model`` (default: the shipped prior, ``ddfm_fast.api.DEFAULT_PRIOR``) at its default step count,
   (b) EM only (ablation I, ``ddfm_fast.em_only``) with the same number of EM steps,
-and on ``--long-pairs`` pairs (the first of each IVF set) also
-  (c) ddfm-small at ``--long-steps`` (100) steps, next to (a) on the same pairs.
-Scores: ``ddfm_fast.metrics.evaluate`` (the CDDFuse evaluator's definitions; A = infrared / functional,
+  (c) ``--reference`` (default: the trained ``ddfm-small``) at its default step count, for comparison,
+and on the first pair of each IVF set also
+  (d) the model at ``--long-steps`` (100) steps, next to (a) on the same pairs.
+Wins count the paper's six metrics (EN, SD, MI, VIF, Qabf, SSIM) where a prior's mean is above EM only's: over the
+IVF pairs together, and per MIF set. Scores: ``ddfm_fast.metrics.evaluate`` (the CDDFuse evaluator's definitions; A = infrared / functional,
 B = visible / MRI), sources read with ``metrics.read_gray_eval``. Images whose longer side exceeds ``--max-side`` are
 downscaled (Pillow box filter, rounded to integer grey levels) before fusing AND scoring, so the sources and the
 fused image are always compared at one size. Writes the JSON, a markdown table (``quality.md``) and a montage
-(``montage.png``: IR | visible | EM only | ddfm-small) beside ``--out``.
+(``montage.png``: IR | visible | EM only | reference | model) beside ``--out``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ sys.path.insert(0, str(REPO))
 
 import ddfm_fast  # noqa: E402
 from ddfm_fast import io  # noqa: E402
+from ddfm_fast.api import DEFAULT_PRIOR  # noqa: E402
+from ddfm_fast.checkpoint import PRESETS, resolve_preset  # noqa: E402
 from ddfm_fast.config import SamplerConfig  # noqa: E402
 from ddfm_fast.em_only import fuse_em_only, postprocess_em_only  # noqa: E402
 from ddfm_fast.metrics import evaluate, read_gray_eval  # noqa: E402
@@ -50,6 +54,7 @@ SETS = [
     ("MRI_SPECT", "mif/MRI_SPECT", "SPECT", "MRI", "Harvard (MIF)"),
 ]
 IVF = ("RoadScene", "TNO", "MSRS")
+MIF = ("MRI_CT", "MRI_PET", "MRI_SPECT")
 # DDFM, ICCV 2023 (shared/docs/METRICS.md): EN, SD, MI, VIF, Qabf, SSIM.
 PAPER_KEYS = ("EN", "SD", "MI", "VIF", "Qabf", "SSIM")
 PAPER = {
@@ -118,13 +123,14 @@ def _fmt(v: float) -> str:
 
 def _markdown(report: dict) -> str:
     cfg = report["settings"]
+    names = {m: info["name"] for m, info in report["models"].items()}
+    described = "; ".join(f"`{info['name']}`: {_model_text(info)}" for info in report["models"].values())
+    methods = ["em_only", *report["models"]]
     lines = [
-        "# ddfm-small vs EM only vs the DDFM paper",
+        f"# {names['prior']} vs EM only vs {names.get('reference', 'the DDFM paper')}",
         "",
-        f"Generated {report['generated']} by `bench/quality_report.py` on {report['machine']} (CPU, "
-        f"{cfg['threads']} threads, torch {report['torch']}). Prior: `{cfg['model']}` "
-        f"({report['model']['parameters'] / 1e6:.2f} M parameters, trained {report['model']['steps_done']} steps), "
-        f"default steps {cfg['steps']}. First {cfg['pairs']} pairs of each dev set (sorted by name), longer side "
+        f"Generated {report['generated']} by `{report['command']}` on {report['machine']} (CPU, "
+        f"{cfg['threads']} threads, torch {report['torch']}). Priors: {described}. First {cfg['pairs']} pairs of each dev set (sorted by name), longer side "
         f"downscaled to at most {cfg['max_side']} px (box filter) for fusing and scoring. Metrics: "
         "`ddfm_fast.metrics.evaluate` (CDDFuse evaluator definitions; SSIM is the sum of two). "
         "EM only (ablation I) starts from (I + V) / 2, a near-fixed point of the EM step, so it is the average "
@@ -143,20 +149,36 @@ def _markdown(report: dict) -> str:
             abl = report["paper"]["RoadScene, EM only (ablation I)"]
             lines.append("| RoadScene | paper EM only (ablation I) | "
                          + " | ".join(_fmt(abl[k]) if k in abl else "" for k in SHOWN) + " | |")
-        for method in ("em_only", "prior"):
+        for method in methods:
             m = res[method]
-            label = {"em_only": f"ours EM only ({cfg['steps']} it)", "prior": f"ours ddfm-small ({cfg['steps']} st)"}
-            lines.append(f"| {name} | {label[method]} | " + " | ".join(_fmt(m['mean'][k]) for k in SHOWN)
+            label = (f"ours EM only ({cfg['steps']} it)" if method == "em_only"
+                     else f"ours {names[method]} ({report['models'][method]['steps']} st)")
+            lines.append(f"| {name} | {label} | " + " | ".join(_fmt(m['mean'][k]) for k in SHOWN)
                          + f" | {m['seconds_per_pair']:.1f} |")
-    lines += ["", "## IVF dev sets together (RoadScene + TNO + MSRS)", ""]
-    ivf = report["ivf_summary"]
-    lines += ["| method | " + " | ".join(PAPER_KEYS) + " |", "| --- | " + " | ".join("---" for _ in PAPER_KEYS) + " |"]
-    for method in ("em_only", "prior"):
-        lines.append(f"| {method} | " + " | ".join(_fmt(ivf[method][k]) for k in PAPER_KEYS) + " |")
-    lines.append("| prior - EM only | " + " | ".join(f"{ivf['prior'][k] - ivf['em_only'][k]:+.3f}"
-                                                    for k in PAPER_KEYS) + " |")
-    lines += ["", f"ddfm-small beats EM only on {ivf['wins']} of {len(PAPER_KEYS)} "
-              f"({', '.join(ivf['won']) or 'none'}); target: at least 4.", ""]
+    for title, key in (("IVF dev sets together (RoadScene + TNO + MSRS)", "ivf_summary"),):
+        if key not in report:
+            continue
+        summ = report[key]
+        lines += ["", f"## {title}", "",
+                  "| method | " + " | ".join(PAPER_KEYS) + " | wins vs EM only |",
+                  "| --- | " + " | ".join("---" for _ in PAPER_KEYS) + " | --- |"]
+        for method in methods:
+            won = "" if method == "em_only" else f"{summ['wins'][method]} ({', '.join(summ['won'][method])})"
+            lines.append(f"| {names.get(method, 'EM only')} | " + " | ".join(_fmt(summ['mean'][method][k])
+                                                                         for k in PAPER_KEYS) + f" | {won} |")
+    if "mif_summary" in report:
+        lines += ["", "## MIF dev sets: metrics worse than EM only, per set", "",
+                  "| set | " + " | ".join(names[m] for m in report["models"]) + " |",
+                  "| --- | " + " | ".join("---" for _ in report["models"]) + " |"]
+        for set_name, per in report["mif_summary"].items():
+            lines.append(f"| {set_name} | " + " | ".join(f"{len(per[m])} ({', '.join(per[m]) or 'none'})"
+                                                        for m in report["models"]) + " |")
+    ivf = report.get("ivf_summary")
+    if ivf:
+        worst_mif = max((len(per["prior"]) for per in report.get("mif_summary", {}).values()), default=0)
+        lines += ["", f"`{names['prior']}` beats EM only on {ivf['wins']['prior']} of {len(PAPER_KEYS)} IVF metrics "
+                  f"(target: at least 4) and is worse than EM only on at most {worst_mif} of {len(PAPER_KEYS)} "
+                  "metrics in any MIF set (target: at most 2).", ""]
     long = report.get("long")
     if long:
         lines += [f"## {cfg['long_steps']} steps vs {cfg['steps']} steps (same pairs: "
@@ -167,14 +189,33 @@ def _markdown(report: dict) -> str:
             m = long[key]
             lines.append(f"| {m['label']} | " + " | ".join(_fmt(m['mean'][k]) for k in SHOWN)
                          + f" | {m['seconds_per_pair']:.1f} |")
-    lines += ["", "Montage (`montage.png`): IR / functional | visible / MRI | EM only | ddfm-small.", ""]
+    lines += ["", "Montage (`montage.png`): IR / functional | visible / MRI | EM only | "
+              + " | ".join(names[m] for m in reversed(report["models"])) + ".", ""]
     return "\n".join(lines)
+
+
+def _model_text(info: dict) -> str:
+    if info["parameters"] == 0:
+        return f"analytic, no parameters, {info['steps']} steps"
+    trained = f", trained {info['steps_done']} steps" if info.get("steps_done") else ""
+    return f"{info['parameters'] / 1e6:.2f} M parameters{trained}, {info['steps']} steps"
+
+
+def _model_info(name: str, net) -> dict:
+    preset = PRESETS.get(name)
+    record = {} if preset is not None and preset.analytic else read_training_record(
+        resolve_preset(name) if preset is not None else Path(name))
+    config = getattr(net, "config", None)
+    return {"name": name, "parameters": sum(p.numel() for p in net.parameters()), "steps": net.default_steps,
+            "config": config.to_dict() if config is not None else repr(net),
+            "steps_done": record.get("steps_done"), "train_seconds": record.get("train_seconds")}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "quality.json"))
-    p.add_argument("--model", default="ddfm-small", help="preset name or weights file")
+    p.add_argument("--model", default=DEFAULT_PRIOR, help="preset name or weights file (default: the shipped prior)")
+    p.add_argument("--reference", default="ddfm-small", help="a second prior to compare ('' for none)")
     p.add_argument("--steps", type=int, default=None, help="default: the model's own default steps")
     p.add_argument("--pairs", type=int, default=5, help="pairs per dev set (first N by name)")
     p.add_argument("--max-side", type=int, default=640, help="downscale images whose longer side exceeds this")
@@ -191,9 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     net = ddfm_fast.load_model(args.model)
     steps = args.steps or net.default_steps
-    path = ddfm_fast.checkpoint.resolve_preset(args.model) if args.model in ddfm_fast.checkpoint.PRESETS \
-        else Path(args.model)
-    record = read_training_record(path)
+    nets = {"prior": (net, steps)}
+    if args.reference:
+        ref = ddfm_fast.load_model(args.reference)
+        nets["reference"] = (ref, ref.default_steps)
+    methods = ["em_only", *nets]
     wanted = args.sets.split(",")
     report: dict = {
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -203,9 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"model": args.model, "steps": steps, "pairs": args.pairs, "max_side": args.max_side,
                      "long_steps": args.long_steps, "long_max_side": args.long_max_side, "threads": args.threads,
                      "seed": 3407, "size_policy": "pad"},
-        "model": {"parameters": sum(p.numel() for p in net.parameters()), "config": net.config.to_dict(),
-                  "default_steps": net.default_steps, "steps_done": record.get("steps_done"),
-                  "train_seconds": record.get("train_seconds")},
+        "models": {m: {**_model_info(name, n), "steps": st}
+                   for (m, (n, st)), name in zip(nets.items(), [args.model, args.reference])},
         "paper": {k: dict(zip(PAPER_KEYS, v)) for k, v in PAPER.items()},
         "sets": {},
     }
@@ -215,30 +257,34 @@ def main(argv: list[str] | None = None) -> int:
             continue
         folder = DATA / rel
         names = sorted(p.name for p in (folder / a_dir).iterdir())[: args.pairs]
-        res = {"paper_row": paper_row, "pairs": names, "em_only": {"rows": []}, "prior": {"rows": []}}
+        res = {"paper_row": paper_row, "pairs": names, **{m: {"rows": []} for m in methods}}
         for n in names:
             a, b = load_pair(folder, a_dir, b_dir, n, args.max_side)
-            fp, tp = _fuse_prior(net, a, b, steps)
-            fe, te = _fuse_em(a, b, steps)
-            res["prior"]["rows"].append({"pair": n, "size": list(a.shape), "seconds": tp, **_score(fp, a, b)})
-            res["em_only"]["rows"].append({"pair": n, "size": list(a.shape), "seconds": te, **_score(fe, a, b)})
-            print(f"{name} {n} {a.shape[1]}x{a.shape[0]}: prior {tp:.1f}s  EN {res['prior']['rows'][-1]['EN']:.2f} "
-                  f"Qabf {res['prior']['rows'][-1]['Qabf']:.3f} | EM EN {res['em_only']['rows'][-1]['EN']:.2f} "
-                  f"Qabf {res['em_only']['rows'][-1]['Qabf']:.3f}", flush=True)
+            fused = {"em_only": _fuse_em(a, b, steps)}
+            fused.update({m: _fuse_prior(model, a, b, st) for m, (model, st) in nets.items()})
+            for m, (f, t) in fused.items():
+                res[m]["rows"].append({"pair": n, "size": list(a.shape), "seconds": t, **_score(f, a, b)})
+            print(f"{name} {n} {a.shape[1]}x{a.shape[0]}: " + " | ".join(
+                f"{m} {res[m]['rows'][-1]['seconds']:.1f}s Qabf {res[m]['rows'][-1]['Qabf']:.3f}" for m in methods),
+                flush=True)
             if name in args.montage_pairs.split(",") and n == names[0]:
-                montage_rows.append([a, b, fe, fp])
-        for method in ("em_only", "prior"):
+                montage_rows.append([a, b, *(fused[m][0] for m in ["em_only", *reversed(nets)])])
+        for method in methods:
             rows = res[method]["rows"]
             res[method]["mean"] = _mean([{k: r[k] for k in r if k not in ("pair", "size", "seconds")} for r in rows])
             res[method]["seconds_per_pair"] = float(np.mean([r["seconds"] for r in rows]))
         report["sets"][name] = res
 
-    ivf_rows = {m: [r for s in IVF if s in report["sets"] for r in report["sets"][s][m]["rows"]]
-                for m in ("em_only", "prior")}
+    ivf_rows = {m: [r for s in IVF if s in report["sets"] for r in report["sets"][s][m]["rows"]] for m in methods}
     if ivf_rows["prior"]:
         means = {m: _mean([{k: r[k] for k in PAPER_KEYS} for r in rows]) for m, rows in ivf_rows.items()}
-        won = [k for k in PAPER_KEYS if means["prior"][k] > means["em_only"][k]]
-        report["ivf_summary"] = {**means, "won": won, "wins": len(won), "pairs": len(ivf_rows["prior"])}
+        won = {m: [k for k in PAPER_KEYS if means[m][k] > means["em_only"][k]] for m in nets}
+        report["ivf_summary"] = {"mean": means, "won": won, "wins": {m: len(w) for m, w in won.items()},
+                                 "pairs": len(ivf_rows["prior"])}
+    mif = {s: report["sets"][s] for s in MIF if s in report["sets"]}
+    if mif:
+        report["mif_summary"] = {s: {m: [k for k in PAPER_KEYS if res[m]["mean"][k] < res["em_only"]["mean"][k]]
+                                     for m in nets} for s, res in mif.items()}
 
     if not args.no_long:
         pairs, rows = [], {"default": [], "long": [], "em_only": []}
@@ -258,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 secs[key].append(t)
             print(f"long: {pairs[-1]} default {rows['default'][-1]['Qabf']:.3f} long {rows['long'][-1]['Qabf']:.3f}",
                   flush=True)
-        labels = {"default": f"ddfm-small, {steps} steps", "long": f"ddfm-small, {args.long_steps} steps",
+        labels = {"default": f"{args.model}, {steps} steps", "long": f"{args.model}, {args.long_steps} steps",
                   "em_only": f"EM only, {args.long_steps} iterations"}
         report["long"] = {"pairs": pairs, **{k: {"label": labels[k], "mean": _mean(rows[k]), "rows": rows[k],
                                                  "seconds_per_pair": float(np.mean(secs[k]))} for k in rows}}

@@ -8,6 +8,7 @@ fused luminance is anchored to), and the paper's numbers come from that assignme
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +22,12 @@ from torch import nn
 
 from ddfm_fast import io
 from ddfm_fast.checkpoint import load_model
-from ddfm_fast.config import AccelConfig, SamplerConfig
+from ddfm_fast.config import DEFAULT_PRIOR, AccelConfig, SamplerConfig
 from ddfm_fast.em_only import fuse_em_only, postprocess_em_only
 from ddfm_fast.plan import ExecutionPlan, check_device
 from ddfm_fast.sampler import DDFMSampler, StepOutput
 
 ModelSpec = Union[nn.Module, str, Path, None]
-
-
-class NoDefaultModelError(RuntimeError):
-    """No model was given and the shipped default prior is not available."""
 
 
 @dataclass
@@ -69,7 +66,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-DEFAULT_PRIOR = "ddfm-small"
 
 
 class DefaultPriorNotice(UserWarning):
@@ -80,32 +76,31 @@ def resolve_model(
     model: ModelSpec, *, model_config: Any = None, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> nn.Module:
     """A loaded module as it is (moved to ``device``), a checkpoint path / preset name loaded strictly, or, for
-    ``None``, the small prior shipped inside the package (with a one-line notice)."""
+    ``None``, the prior shipped with the package (:data:`DEFAULT_PRIOR`, with a one-line notice)."""
     if model is None:
-        from ddfm_fast.checkpoint import PRESETS, resolve_preset
+        from ddfm_fast.checkpoint import PRESETS
 
-        try:
-            path = resolve_preset(DEFAULT_PRIOR)
-        except Exception as exc:  # the package was installed without its weights
-            raise NoDefaultModelError(
-                f"no model given and the shipped prior '{DEFAULT_PRIOR}' cannot be loaded ({exc}); pass "
-                "model=<checkpoint path or preset> (e.g. 'adm256-uncond' for the paper's 256x256_diffusion_uncond.pt), "
-                "or --checkpoint on the command line"
-            ) from exc
         warnings.warn(
             f"ddfm-fast: using the shipped prior '{DEFAULT_PRIOR}' ({PRESETS[DEFAULT_PRIOR].description.split(';')[0]}); "
             "for the paper's model pass model='adm256-uncond' (CLI: --checkpoint adm256-uncond)",
             DefaultPriorNotice, stacklevel=caller_stacklevel(),
         )
-        return load_model(path, device=device, dtype=dtype)
+        return load_model(DEFAULT_PRIOR, device=device, dtype=dtype)
     if isinstance(model, nn.Module):
-        where = next(iter(model.parameters()), torch.empty(0, device=device)).device
+        where = module_device(model, device)
         if where != torch.device(device) and not (where.type == torch.device(device).type == "cuda"
                                                   and torch.device(device).index is None):
             raise ValueError(f"the model is on {where} but device={str(device)!r}; move it first "
                              f"(model.to({str(device)!r})) or pass device={str(where)!r}")
         return model
     return load_model(model, config=model_config, device=device, dtype=dtype)
+
+
+def module_device(model: nn.Module, default: Union[str, torch.device]) -> torch.device:
+    """Where ``model`` lives: its first parameter's device, else its first buffer's (an analytic prior has only
+    buffers), else ``default``."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device(default) if first is None else first.device
 
 
 def caller_stacklevel() -> int:
@@ -364,9 +359,9 @@ def fuse(
     if device is not None:
         dev = check_device(device)
         if isinstance(model, nn.Module) and dev.type == "cuda" and dev.index is None:
-            dev = next(iter(model.parameters()), torch.empty(0, device=dev)).device  # "cuda": the model's GPU
+            dev = module_device(model, dev)  # "cuda": the model's GPU
     elif isinstance(model, nn.Module):
-        dev = next(iter(model.parameters()), torch.empty(0)).device
+        dev = module_device(model, torch.device("cpu"))
     else:
         dev = default_device()
     with torch.no_grad():

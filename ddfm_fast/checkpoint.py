@@ -33,6 +33,9 @@ import torch
 
 from ddfm_fast.io import FileProblem, display_name, open_regular_file
 from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS
+from ddfm_fast.shrinkage import DEFAULT_CONTRAST as SHRINK_CONTRAST
+from ddfm_fast.shrinkage import DEFAULT_STEPS as SHRINK_STEPS
+from ddfm_fast.shrinkage import ShrinkagePrior
 from ddfm_fast.unet import ADM256_UNCOND_ARGS, DDFM_SMALL_ARGS, UNetConfig, UNetModel
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -72,6 +75,7 @@ class Preset:
     default_steps: int = 100
     sha256: str | None = None  # checked on load when known
     packaged: bool = False  # shipped inside the package (ddfm_fast/weights/), never looked up elsewhere
+    analytic: bool = False  # a closed-form prior built in code (``ddfm_fast.shrinkage``): no file, no weights
 
 
 # The shipped prior's own step count (also in its file's metadata, which load_model reads first).
@@ -85,6 +89,17 @@ PRESETS: dict[str, Preset] = {
         create_model_args=ADM256_UNCOND_ARGS,
         description="guided-diffusion 256x256 unconditional ImageNet ADM, the prior of the DDFM paper",
         url="https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
+    ),
+    "ddfm-shrink": Preset(
+        name="ddfm-shrink",
+        filename="",
+        create_model_args={},
+        description="analytic shrinkage prior (no network, no weights: x0 = image mean + k (x - mean), k = "
+        f"{SHRINK_CONTRAST:g}); with the EM step it fuses by per-pixel saliency in about a second on a CPU; "
+        "see ddfm_fast/shrinkage.py. The shipped default",
+        default_steps=SHRINK_STEPS,
+        packaged=True,
+        analytic=True,
     ),
     "ddfm-small": Preset(
         name="ddfm-small",
@@ -122,6 +137,9 @@ def resolve_preset(name: str) -> Path:
     if name not in PRESETS:
         raise _unknown_preset(name)
     preset = PRESETS[name]
+    if preset.analytic:
+        raise CheckpointError(f"preset '{name}' is built into ddfm-fast and has no file; load it with "
+                              f"load_model('{name}')")
     if preset.packaged:
         candidate = PACKAGED_WEIGHTS_DIR / preset.filename
         if candidate.is_file():
@@ -815,15 +833,20 @@ def load_model(
     config: ConfigLike = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> UNetModel:
+) -> torch.nn.Module:
     """Build the UNet for ``checkpoint`` (a preset name or a weights file) and load it strictly.
 
     The architecture comes from, in order: ``config`` (create_model args dict, UNetConfig, or a
     JSON/YAML file); the safetensors metadata (``ddfm_fast.config`` or ``create_model_args``); the
     preset; else the paper's adm256-uncond. Returns the model in eval mode, ``requires_grad=False``,
     on ``device`` in ``dtype``. Raises ``CheckpointError`` for every problem, never falling back to
-    random weights.
+    random weights. An analytic preset (``ddfm-shrink``) is built from code: a
+    :class:`~ddfm_fast.shrinkage.ShrinkagePrior`, which takes no ``config``.
     """
+    if isinstance(checkpoint, str) and checkpoint in PRESETS and PRESETS[checkpoint].analytic:
+        if config is not None:
+            raise CheckpointError(f"preset '{checkpoint}' is analytic (no network) and takes no model config")
+        return ShrinkagePrior().to(device=device, dtype=dtype).eval()
     path, preset = _locate(checkpoint)
     state_dict, metadata = read_checkpoint(path)
     if preset is not None and preset.sha256:

@@ -501,7 +501,7 @@ def info_report() -> dict[str, Any]:
     import torch
 
     from ddfm_fast.checkpoint import DEFAULT_PRESET, PRESETS, CheckpointError, _preset_search_dirs, resolve_preset
-    from ddfm_fast.config import AccelConfig
+    from ddfm_fast.config import DEFAULT_PRIOR, AccelConfig
     from ddfm_fast.plan import ENV_BACKEND, BackendError, plan
 
     devices: list[dict[str, Any]] = [{"device": "cpu", "name": "CPU", "threads": torch.get_num_threads()}]
@@ -521,11 +521,11 @@ def info_report() -> dict[str, Any]:
     presets = []
     for name, preset in sorted(PRESETS.items()):
         try:
-            found: Optional[str] = str(resolve_preset(name))
+            found: Optional[str] = "built in" if preset.analytic else str(resolve_preset(name))
         except CheckpointError:  # not downloaded
             found = None
         presets.append({"name": name, "default": name == DEFAULT_PRESET, "description": preset.description,
-                        "file": preset.filename, "found": found, "url": preset.url,
+                        "file": preset.filename or None, "found": found, "url": preset.url,
                         "default_steps": preset.default_steps})
     return {
         "versions": versions(),
@@ -534,7 +534,7 @@ def info_report() -> dict[str, Any]:
         "presets": presets,
         "preset_search_dirs": [str(d) for d in _preset_search_dirs()],
         "environment": {k: os.environ.get(k) for k in (ENV_BACKEND, "DDFM_FAST_HOME", "TRITON_INTERPRET")},
-        "default_checkpoint": "ddfm-small",
+        "default_checkpoint": DEFAULT_PRIOR,
     }
 
 
@@ -561,9 +561,12 @@ def _format_info(rep: dict[str, Any]) -> str:
     for pr in rep["presets"]:
         where = f"found at {pr['found']}" if pr["found"] else f"not found; download from {pr['url']}"
         lines.append(f"  {pr['name']}: {pr['description']}")
-        lines.append(f"    file {pr['file']} ({pr['default_steps']} steps by default): {where}")
-    lines.append("default checkpoint: the shipped prior 'ddfm-small' (--checkpoint adm256-uncond for the paper's; "
-                 "--paper uses adm256-uncond)")
+        if pr["file"] is None:
+            lines.append(f"    built in, no file ({pr['default_steps']} steps by default)")
+        else:
+            lines.append(f"    file {pr['file']} ({pr['default_steps']} steps by default): {where}")
+    lines.append(f"default checkpoint: the shipped prior '{rep['default_checkpoint']}' (--checkpoint adm256-uncond "
+                 "for the paper's; --paper uses adm256-uncond)")
     env = ", ".join(f"{k}={val}" for k, val in rep["environment"].items() if val is not None) or "none set"
     lines.append(f"environment: {env}")
     return "\n".join(lines)

@@ -126,7 +126,7 @@ ACCEL_OPTIONS: dict[str, Spec] = {
 MODEL_OPTIONS: list[Spec] = [
     (("--checkpoint",), dict(metavar="PATH|PRESET",
      help="UNet weights (.pt/.pth/.safetensors) or a preset name (see `ddfm-fast info`); default: the shipped "
-          "prior ddfm-small.")),
+          "analytic prior ddfm-shrink (ddfm-small is the trained one; adm256-uncond the paper's).")),
     (("--model-config",), dict(type=click.Path(dir_okay=False),
      help="JSON/YAML create_model arguments, when the checkpoint does not carry them.")),
     (("--paper",), dict(is_flag=True,
@@ -361,14 +361,14 @@ def load_model(run: RunConfig, device: Any) -> Any:
     line. A missing or broken checkpoint is a one-line error naming the file."""
     if run.sampler.prior == "none":
         return None
-    from ddfm_fast.api import DefaultPriorNotice, NoDefaultModelError, resolve_model
+    from ddfm_fast.api import DefaultPriorNotice, resolve_model
     from ddfm_fast.checkpoint import CheckpointError
 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DefaultPriorNotice)
             model = resolve_model(run.checkpoint, model_config=run.model_config, device=device)
-    except (NoDefaultModelError, CheckpointError) as exc:
+    except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
     for w in caught:  # the notice about the shipped prior as one line; any other warning passed on as it was
         if issubclass(w.category, DefaultPriorNotice):

@@ -39,7 +39,7 @@ _SCORE_HELP = """Fuse a dataset folder and score it next to the paper's numbers.
 
 \b
   ddfm-fast score shared/data/ivf/MSRS -o runs/msrs --paper
-  ddfm-fast score shared/data/mif/MRI_PET -o runs/pet --checkpoint ddfm-small
+  ddfm-fast score shared/data/mif/MRI_PET -o runs/pet --checkpoint ddfm-shrink
 
 \b
 DATASET_DIR holds ir/ + vi/ (infrared-visible fusion) or MRI/ + one of

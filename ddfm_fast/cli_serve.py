@@ -54,14 +54,14 @@ def _url(sock: socket.socket) -> str:
 
 
 def _load_model(checkpoint: Optional[str], model_config: Optional[Path], device: Any) -> Any:
-    from ddfm_fast.api import DefaultPriorNotice, NoDefaultModelError, resolve_model
+    from ddfm_fast.api import DefaultPriorNotice, resolve_model
     from ddfm_fast.checkpoint import CheckpointError
 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DefaultPriorNotice)
             model = resolve_model(checkpoint, model_config=model_config, device=device)
-    except (NoDefaultModelError, CheckpointError) as exc:
+    except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
     for w in caught:  # the one-line notice about the shipped prior, without the warnings module's decoration
         if issubclass(w.category, DefaultPriorNotice):
@@ -77,7 +77,7 @@ def _load_model(checkpoint: Optional[str], model_config: Optional[Path], device:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0: any free port; the start-up line names it).")
 @click.option("--checkpoint", default=None,
-              help="Checkpoint file or preset name (default: the shipped prior ddfm-small; "
+              help="Checkpoint file or preset name (default: the shipped prior ddfm-shrink; "
                    "'adm256-uncond' is the paper's model).")
 @click.option("--model-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The model's create_model arguments (JSON/YAML) when the checkpoint lacks them.")
@@ -125,7 +125,9 @@ def serve_command(host: str, port: int, checkpoint: Optional[str], model_config:
         raise click.BadParameter(str(exc), param_hint="--device") from None
     sock = _bind(host, port)
     model = _load_model(checkpoint, model_config, dev)
-    name = checkpoint or "ddfm-small (shipped)"
+    from ddfm_fast.config import DEFAULT_PRIOR
+
+    name = checkpoint or f"{DEFAULT_PRIOR} (shipped)"
     manager = JobManager(model, dev, Limits(max_upload_bytes=max_upload_mb * 1024 * 1024, max_queue=max_queue),
                          model_name=name)
     allowed = list(LOOPBACK_HOSTS) + ([host] if host not in LOOPBACK_HOSTS else []) if loopback else None

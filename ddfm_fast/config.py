@@ -36,6 +36,9 @@ TVProx = Literal["shrink", "soft"]
 SizePolicy = Literal["pad", "crop"]
 
 PRIORS = ("diffusion", "none")
+# The prior a run uses when none is named (``--checkpoint`` / ``model=``): the analytic ``ddfm_fast.shrinkage``
+# prior, chosen by bench/shrinkage_fit.py and scored by bench/quality_report.py against EM only and ddfm-small.
+DEFAULT_PRIOR = "ddfm-shrink"
 TAU_REDUCES = ("batch", "image")
 TV_PROXES = ("shrink", "soft")
 SIZE_POLICIES = ("pad", "crop")

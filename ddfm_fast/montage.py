@@ -1,7 +1,7 @@
 """Pictures to look at: labelled montages of the sources beside their fusion, difference images, labelled frames.
 
 * :func:`montage_row` puts images side by side at one height, each under a label band ("infrared 00004N.png",
-  "fused: ddfm-small, 20 steps"); :func:`montage_grid` stacks such rows (one per pair) under column titles.
+  "fused: ddfm-shrink, 20 steps"); :func:`montage_grid` stacks such rows (one per pair) under column titles.
 * :func:`difference_image` shows where two outputs differ: ``|x - y|`` stretched so that the largest difference
   is white, with the stretch factor in its label, since a 1-level difference is otherwise invisible.
 * :func:`label_above` adds a label band over one image (the progress frames of ``--save-progress``).
@@ -214,13 +214,16 @@ MAX_GRID_ROWS = 24  # pairs in one grid montage: beyond that a picture is too ta
 
 
 def method_label(prior: str, checkpoint: Optional[str], steps: Optional[int]) -> str:
-    """How a fusion is named under its panel: ``ddfm-small, 20 steps`` or ``EM only, 20 iterations``.
+    """How a fusion is named under its panel: ``ddfm-shrink, 20 steps`` or ``EM only, 20 iterations``.
 
-    ``checkpoint`` is a preset name or a file (shown by its name); None is the shipped prior ``ddfm-small``.
+    ``checkpoint`` is a preset name or a file (shown by its name); None is the shipped prior
+    (``config.DEFAULT_PRIOR``).
     """
+    from ddfm_fast.config import DEFAULT_PRIOR
+
     if prior == "none":
         return "EM only" + (f", {steps} iterations" if steps else "")
-    name = "ddfm-small" if checkpoint is None else Path(checkpoint).name
+    name = DEFAULT_PRIOR if checkpoint is None else Path(checkpoint).name
     return name + (f", {steps} steps" if steps else "")
 
 

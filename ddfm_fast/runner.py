@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Protocol
 
 from ddfm_fast import io, outputs, resume
-from ddfm_fast.config import AccelConfig, ConfigError, SamplerConfig
+from ddfm_fast.config import DEFAULT_PRIOR, AccelConfig, ConfigError, SamplerConfig
 from ddfm_fast.pairing import MODES, InputError, Pair, Pairing, Roles, roles
 from ddfm_fast.summary import SUMMARY_NAME, RunSummary, now
 
@@ -56,7 +56,6 @@ OutputKind = Literal["gray", "color", "png16", "npy"]
 OUTPUT_KINDS: tuple[str, ...] = ("gray", "color", "png16", "npy")
 RESIZES = (None, "ir", "vis")
 FLOAT_ROUNDING_ONLY = {"affects_output": False}  # RunConfig field metadata: excluded from the resume check
-DEFAULT_PRIOR = "ddfm-small"  # the shipped prior, ddfm_fast.api.DEFAULT_PRIOR (a test keeps them equal)
 Event = Callable[[dict[str, Any]], None]
 
 

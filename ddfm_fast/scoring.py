@@ -350,7 +350,7 @@ def compare_with_paper(layout: DatasetLayout, run: RunConfig, pairs: int, folder
 
 def _prior_name(checkpoint: Optional[str]) -> str:
     """A checkpoint as a short name: a preset's name, a file's name; None is the shipped prior."""
-    from ddfm_fast.api import DEFAULT_PRIOR
+    from ddfm_fast.config import DEFAULT_PRIOR
 
     if checkpoint is None:
         return DEFAULT_PRIOR

@@ -374,7 +374,7 @@ def test_paper_protocol(tmp_path: Path, one_pair, model_args, monkeypatch) -> No
 def test_checkpoint_errors(tmp_path: Path, one_pair) -> None:
     ir, vis = map(str, one_pair)
     res = run([ir, vis, "-o", str(tmp_path / "default.png"), "--steps", "2"])  # the shipped prior, announced
-    assert res.exit_code == 0 and "ddfm-small" in res.output and "adm256-uncond" in res.output
+    assert res.exit_code == 0 and "ddfm-shrink" in res.output and "adm256-uncond" in res.output
     assert (tmp_path / "default.png").exists()
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"this is not a checkpoint")

@@ -209,7 +209,7 @@ def test_compare_diff_dir_shows_the_worst_pairs(tmp_path: Path):
 def test_method_label():
     from ddfm_fast.montage import method_label
 
-    assert method_label("diffusion", None, 20) == "ddfm-small, 20 steps"  # None is the shipped prior
+    assert method_label("diffusion", None, 20) == "ddfm-shrink, 20 steps"  # None is the shipped prior
     assert method_label("diffusion", "/w/tiny_unet.pt", 3) == "tiny_unet.pt, 3 steps"
     assert method_label("diffusion", "adm256-uncond", 100) == "adm256-uncond, 100 steps"
     assert method_label("none", None, 20) == "EM only, 20 iterations"

@@ -33,7 +33,7 @@ def test_identity_is_every_sampler_field_and_the_output_fields() -> None:
     assert sampler_fields <= set(identity)  # a new SamplerConfig field is covered by being a field
     assert set(identity) - sampler_fields == {"mode", "output", "resize", "checkpoint", "model_config", "file_format",
                                               "unet_dtype"}
-    assert identity["unet_dtype"] == "bf16" and identity["checkpoint"] == "ddfm-small"  # None: the shipped prior
+    assert identity["unet_dtype"] == "bf16" and identity["checkpoint"] == "ddfm-shrink"  # None: the shipped prior
     assert identity["file_format"] == "png"
     # Accelerations other than the dtype, and the batch size, change float rounding only.
     fast = dataclasses.replace(run, accel=AccelConfig(dtype="bf16", channels_last=True, backend="torch"), batch_size=4)

@@ -18,7 +18,7 @@ from PIL import Image
 
 import ddfm_fast
 from ddfm_fast import io
-from ddfm_fast.api import DefaultPriorNotice, NoDefaultModelError, initial_noise, postprocess
+from ddfm_fast.api import DefaultPriorNotice, initial_noise, postprocess
 from ddfm_fast.compat import create_sampler
 from ddfm_fast.config import AccelConfig, ConfigError, SamplerConfig
 from ddfm_fast.sampler import DDFMSampler
@@ -216,18 +216,20 @@ def test_fuse_rejects_mismatched_sizes(tiny, data_dir, tmp_path):
 
 def test_fuse_without_a_model_uses_the_shipped_prior_and_says_so(data_dir, tmp_path):
     ir, vi = _crop_pair(data_dir, tmp_path, 64, 64)
-    with pytest.warns(DefaultPriorNotice, match="ddfm-small.*adm256-uncond"):
+    with pytest.warns(DefaultPriorNotice, match="ddfm-shrink.*adm256-uncond"):
         res = ddfm_fast.fuse(ir, vi, device="cpu", steps=2)
     assert res.fused.shape == (64, 64)
 
 
-def test_fuse_without_a_model_and_without_packaged_weights_says_how_to_pass_one(data_dir, tmp_path, monkeypatch):
+def test_the_default_prior_needs_no_file_and_a_missing_packaged_one_says_reinstall(data_dir, tmp_path, monkeypatch):
     from ddfm_fast import checkpoint
 
     monkeypatch.setattr(checkpoint, "PACKAGED_WEIGHTS_DIR", tmp_path / "nowhere")
     ir, vi = _crop_pair(data_dir, tmp_path, 64, 64)
-    with pytest.raises(NoDefaultModelError, match="checkpoint"):
-        ddfm_fast.fuse(ir, vi, device="cpu")
+    with pytest.warns(DefaultPriorNotice):
+        assert ddfm_fast.fuse(ir, vi, device="cpu", steps=2).fused.shape == (64, 64)
+    with pytest.raises(checkpoint.CheckpointError, match="missing.*Reinstall"):
+        ddfm_fast.fuse(ir, vi, model="ddfm-small", device="cpu", steps=2)
 
 
 def test_prior_none_is_em_only(data_dir, tmp_path, tiny):
