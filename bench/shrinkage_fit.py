@@ -36,10 +36,11 @@ KEYS = qr.PAPER_KEYS
 SETS = ("RoadScene", "TNO", "MSRS")
 
 
-def training_pairs(per_set: int, max_side: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+def training_pairs(per_set: int, max_side: int, root: Path = qr.DATA / "train"
+                   ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     out = {}
     for name in SETS:
-        folder = qr.DATA / "train" / name
+        folder = root / name
         stems = sorted(p.name for p in (folder / "ir").iterdir() if (folder / "vi" / p.name).is_file())
         picks = [stems[i] for i in np.linspace(0, len(stems) - 1, min(per_set, len(stems))).round().astype(int)]
         out[name] = [qr.load_pair(folder, "ir", "vi", n, max_side) for n in dict.fromkeys(picks)]

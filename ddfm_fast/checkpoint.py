@@ -94,8 +94,8 @@ PRESETS: dict[str, Preset] = {
         name="ddfm-shrink",
         filename="",
         create_model_args={},
-        description="analytic shrinkage prior (no network, no weights: x0 = image mean + k (x - mean), k = "
-        f"{SHRINK_CONTRAST:g}); with the EM step it fuses by per-pixel saliency in about a second on a CPU; "
+        description="analytic shrinkage prior (no network, no weights: x0 = m + k abar_t (z - m), z = x_t / "
+        f"sqrt(abar_t), m its mean, k = {SHRINK_CONTRAST:g}); with the EM step it fuses by per-pixel saliency in about a second on a CPU; "
         "see ddfm_fast/shrinkage.py. The shipped default",
         default_steps=SHRINK_STEPS,
         packaged=True,

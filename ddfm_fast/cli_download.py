@@ -55,6 +55,8 @@ def download_command(
     if preset not in PRESETS:
         raise click.UsageError(f"unknown preset '{preset}' (presets: {', '.join(sorted(PRESETS))})")
     spec = PRESETS[preset]
+    if spec.analytic:
+        raise click.ClickException(f"preset '{preset}' is built into ddfm-fast (no weights): nothing to download.")
     if url is None:
         if not spec.url:
             why = " it ships with ddfm-fast and needs no download" if spec.packaged else ""

@@ -212,8 +212,11 @@ class DDFMSampler:
         (tracked by each tensor's address and version counter), so a copy never serves stale weights.
         """
         dtype = torch_dtype(plan_.dtype)
-        current = next(iter(model.parameters()), torch.empty(0)).dtype
-        if dtype == current and not plan_.channels_last:
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            # No weights to cast (the analytic prior): its float32 schedule tables are kept as they are.
+            return model
+        if dtype == first.dtype and not plan_.channels_last:
             return model
         key = (id(model), plan_.dtype, plan_.channels_last, device)
         version = _weights_version(model)
