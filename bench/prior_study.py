@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 
 import ddfm_fast  # noqa: E402
 import quality_report as qr  # noqa: E402
-from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS, linear_betas, space_timesteps  # noqa: E402
+from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS, base_alphas_cumprod, space_timesteps  # noqa: E402
 from ddfm_fast.train import holdout_pairs, read_training_image  # noqa: E402
 
 TRAIN = qr.DATA / "train"
@@ -49,10 +49,6 @@ TRAIN = qr.DATA / "train"
 BLUR_SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, float("inf"))
 FUSION_KEYS = qr.PAPER_KEYS
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # BT.601 weights (the sampler's Y, without offset)
-
-
-def _alpha_bar() -> np.ndarray:
-    return np.cumprod(1.0 - linear_betas(NUM_TRAIN_TIMESTEPS))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -80,7 +76,7 @@ class BlurPrior(nn.Module):
         super().__init__()
         self.table_t = np.array(sorted(sigmas))
         self.table_s = np.array([sigmas[t] for t in self.table_t])
-        self.ac = _alpha_bar()
+        self.ac = base_alphas_cumprod()
         self.default_steps = default_steps
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -118,7 +114,7 @@ def heldout_crops(every: int, crop: int, limit: int) -> tuple[torch.Tensor, list
 
 @torch.no_grad()
 def denoise_study(models: dict[str, nn.Module], timesteps: list[int], x0: torch.Tensor, seed: int) -> dict:
-    ac = _alpha_bar()
+    ac = base_alphas_cumprod()
     clean = _luma(x0)
     rows = []
     for t in timesteps:

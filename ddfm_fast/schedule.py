@@ -33,6 +33,11 @@ def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
     return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
+def base_alphas_cumprod(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """alpha_bar_t of the unspaced linear process (float64, length ``num_timesteps``)."""
+    return np.cumprod(1.0 - linear_betas(num_timesteps))
+
+
 def _ddim_stride_steps(num_timesteps: int, count: int) -> list[int]:
     """``"ddimN"``: the DDIM paper's fixed integer stride, ``range(0, T, s)`` with exactly N entries."""
     for stride in range(1, num_timesteps):
@@ -115,7 +120,7 @@ class Schedule:
     @classmethod
     def create(cls, respacing: Respacing = 100, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> "Schedule":
         """Linear betas over ``num_timesteps``, respaced like guided-diffusion's ``SpacedDiffusion``."""
-        base_ac = np.cumprod(1.0 - linear_betas(num_timesteps))
+        base_ac = base_alphas_cumprod(num_timesteps)
         keep = set(space_timesteps(num_timesteps, respacing))
         last, betas, tmap = 1.0, [], []
         for i, ac in enumerate(base_ac):

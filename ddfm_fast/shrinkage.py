@@ -9,8 +9,9 @@ where a = sqrt(2 / tau_a), b = sqrt(2 / tau_b) (Eq. 17), up to the small ``rho *
 source *farther* from the prediction. A prediction that reproduces its input (a good denoiser near t = 0) makes
 consecutive steps swap the weights (w -> 1 - w), which averages out to the plain average plus the noise the swaps
 carry (measured: the trained ``ddfm-small`` wins at most 2 of the 6 IVF metrics (EN, SD) against EM-only fusion at
-any step count in ``bench/results/prior_study.md``, and none in ``bench/results/quality.md``). A prediction with *less* contrast than its input keeps the weights on the source that deviates
-more from the image's mean at each pixel, which is the saliency rule fusion metrics reward.
+any step count in ``bench/results/prior_study.md``, and none in ``bench/results/quality.md``). A prediction with
+*less* contrast than its input keeps the weights on the source that deviates more from the image's mean at each
+pixel, which is the saliency rule fusion metrics reward.
 
 This prior is that prediction, in closed form. For x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Eq. 1) write
 z = x_t / sqrt(abar_t) = x0 + sigma_t * eps with sigma_t^2 = (1 - abar_t) / abar_t, and m the mean of z over
@@ -22,8 +23,8 @@ contrast ``k`` < 1:
 
 ``k`` was chosen on training-pool pairs only (``bench/shrinkage_fit.py``, ``bench/results/shrinkage_fit.md``),
 never on the dev pairs the quality report scores. The 20 default steps are a speed trade-off: on those pairs 10 to
-50 steps score within 2 % of each other on every metric (50 a little higher on MI and SSIM). It is not a model of natural images and it knows nothing of
-texture: everything it adds to EM-only fusion comes through the EM step. For the paper's results use the paper's
+50 steps score within 2 % of each other on every metric (50 a little higher on MI and SSIM). It is not a model of
+natural images and it knows nothing of texture: everything it adds to EM-only fusion comes through the EM step. For the paper's results use the paper's
 prior (``adm256-uncond``).
 """
 
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS, linear_betas
+from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS, base_alphas_cumprod
 
 # The contrast k, chosen on training-pool pairs by bench/shrinkage_fit.py, and the default step count (see above).
 DEFAULT_CONTRAST = 0.2
@@ -56,7 +57,7 @@ class ShrinkagePrior(nn.Module):
             raise ValueError(f"contrast must be in [0, 1], got {contrast!r}")
         self.contrast = float(contrast)
         self.default_steps = int(default_steps)
-        abar = np.cumprod(1.0 - linear_betas(num_timesteps))
+        abar = base_alphas_cumprod(num_timesteps)
         self.register_buffer("sqrt_abar", torch.from_numpy(np.sqrt(abar)).float(), persistent=False)
         self.register_buffer("sqrt_1m_abar", torch.from_numpy(np.sqrt(1.0 - abar)).float(), persistent=False)
 
