@@ -378,8 +378,8 @@ def _fuse_one(job: Job, cfg: RunConfig, run: dict[str, Any], progress_dir: Optio
         say.info(f"progress images: {done.record['progress']}")
     say.event({"event": "pair", "status": "done", **done.record})
     if montage:
-        _write_montages([done.record], job.roles, _method(cfg, cfg.for_model(model).sampler.num_steps()), None,
-                        single=_montage_path(job.out))
+        steps = cfg.sampler.for_model(getattr(model, "default_steps", None)).num_steps()
+        _write_montages([done.record], job.roles, _method(cfg, steps), None, single=_montage_path(job.out))
 
 
 def _fuse_folders(job: Job, pairing: Pairing, cfg: RunConfig, run: dict[str, Any], progress_dir: Optional[Path],

@@ -123,6 +123,8 @@ class RunConfig:
             ``"vis"`` (the other way), with Pillow's LANCZOS filter.
         checkpoint, model_config: the model's identity as given (a path or a preset name; ``None`` is the shipped
             prior, or no model for ``prior="none"``). The caller loads the model; these name it in the summary.
+        model_digest: what the loaded model computes (:func:`ddfm_fast.resume.model_digest`), filled in by
+            :meth:`for_model`: a name says where a model came from, this says which model it is.
         batch_size: how many pairs of one model size are fused at once (one EM tau per image, so outputs equal
             the single runs up to float rounding: it is not part of :func:`output_identity`).
     """
@@ -136,6 +138,7 @@ class RunConfig:
     model_config: Optional[str] = None
     batch_size: int = field(default=1, metadata=FLOAT_ROUNDING_ONLY)
     file_format: Optional[str] = None
+    model_digest: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -165,9 +168,13 @@ class RunConfig:
         return outputs.FORMATS[self.file_format]  # type: ignore[index]
 
     def for_model(self, model: Optional[nn.Module]) -> "RunConfig":
-        """This run with the sampler's ``steps`` filled in from ``model`` (its ``default_steps``) when unset."""
+        """This run with the sampler's ``steps`` filled in from ``model`` (its ``default_steps``) when unset, and
+        ``model_digest`` from ``model`` (``None`` for EM only, which uses no model)."""
         sampler = self.sampler.for_model(getattr(model, "default_steps", None))
-        return self if sampler == self.sampler else dataclasses.replace(self, sampler=sampler)
+        digest = None if model is None or self.sampler.prior == "none" else resume.model_digest(model)
+        if sampler == self.sampler and digest == self.model_digest:
+            return self
+        return dataclasses.replace(self, sampler=sampler, model_digest=digest)
 
     def to_dict(self) -> dict[str, Any]:
         """``{"sampler": ..., "accel": ..., "run": ...}``: every field, JSON-able; model names made absolute."""

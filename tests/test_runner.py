@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ddfm_fast import api, outputs, resume
@@ -32,7 +34,7 @@ def test_identity_is_every_sampler_field_and_the_output_fields() -> None:
     sampler_fields = {f.name for f in dataclasses.fields(SamplerConfig)}
     assert sampler_fields <= set(identity)  # a new SamplerConfig field is covered by being a field
     assert set(identity) - sampler_fields == {"mode", "output", "resize", "checkpoint", "model_config", "file_format",
-                                              "unet_dtype"}
+                                              "model_digest", "unet_dtype"}
     assert identity["unet_dtype"] == "bf16" and identity["checkpoint"] == "ddfm-shrink"  # None: the shipped prior
     assert identity["file_format"] == "png"
     # Accelerations other than the dtype, and the batch size, change float rounding only.
@@ -142,6 +144,33 @@ def test_plan_resume_refuses_outputs_of_other_settings(tmp_path: Path) -> None:
     for problem in ("x.json was written by another version", "x.json cannot be read"):
         with pytest.raises(StaleOutputsError, match="cannot be checked"):
             plan_resume(pairs, out, run, identity, resume.FolderRecords(problem=problem))
+
+
+def test_another_model_under_the_same_name_is_not_trusted(tmp_path: Path, tiny_unet_files) -> None:
+    """The identity holds what the model computes, not only its name: the shipped prior with another contrast, or a
+    weights file replaced at its path, makes outputs that a resume must not take for this run's."""
+    from ddfm_fast.checkpoint import load_model
+    from ddfm_fast.shrinkage import ShrinkagePrior
+
+    run = RunConfig(sampler=SamplerConfig(steps=3)).for_model(ShrinkagePrior())
+    assert run.model_digest == RunConfig(sampler=SamplerConfig(steps=3)).for_model(ShrinkagePrior()).model_digest
+    other = RunConfig(sampler=SamplerConfig(steps=3)).for_model(ShrinkagePrior(contrast=0.3))
+    assert other.model_digest != run.model_digest and other.checkpoint == run.checkpoint is None
+    identity = run.identity(plan("cpu", run.accel))
+    out = tmp_path / "out"
+    out.mkdir()
+    pairs = [_pair_files(tmp_path, "a")]
+    recs = [_write_with_record(pairs[0], out / "a.png", run, identity)]
+    with pytest.raises(StaleOutputsError, match=r"1 output\(s\) made with other settings \(model_digest "):
+        plan_resume(pairs, out, other, other.identity(plan("cpu", other.accel)), _records(*recs, identity=identity))
+    # Weights: one changed value anywhere changes the digest; the same weights on a copy of the model do not.
+    net = load_model(tiny_unet_files[0], config=tiny_unet_files[1])
+    digest = resume.model_digest(net)
+    assert resume.model_digest(copy.deepcopy(net)) == digest
+    with torch.no_grad():
+        next(reversed(list(net.parameters()))).view(-1)[-1] += 1e-3
+    assert resume.model_digest(net) != digest
+    assert RunConfig(sampler=SamplerConfig(prior="none")).for_model(None).model_digest is None
 
 
 def test_load_records_reads_summaries_and_journals(tmp_path: Path) -> None:
