@@ -54,11 +54,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from ddfm_fast import io
 from ddfm_fast.outputs import Fingerprint, fingerprint, readable_problem
 from ddfm_fast.pairing import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 LOCK_NAME = ".ddfm-fast.lock"
 JOURNAL_PREFIX = ".ddfm-fast-journal."
