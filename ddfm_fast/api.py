@@ -23,6 +23,7 @@ from torch import nn
 from ddfm_fast import io
 from ddfm_fast.checkpoint import load_model
 from ddfm_fast.config import DEFAULT_PRIOR, AccelConfig, SamplerConfig
+from ddfm_fast.em import EMState
 from ddfm_fast.em_only import fuse_em_only, postprocess_em_only
 from ddfm_fast.plan import ExecutionPlan, check_device
 from ddfm_fast.sampler import DDFMSampler, StepOutput
@@ -321,14 +322,16 @@ def fuse(
             in [0, 1]), a tensor (H, W) or (C, H, W) -- or as many as you like: equal-length lists, or batched
             tensors (N, C, H, W). Many pairs fuse as one batch per image size, with one EM tau per image so that
             they do not influence each other.
-        model: a loaded UNet, a checkpoint path or a preset name; None is the small prior shipped in the package.
+        model: a loaded UNet, a checkpoint path or a preset name; None is the shipped default prior
+            (:data:`~ddfm_fast.config.DEFAULT_PRIOR`, the analytic ``ddfm-shrink``).
         model_config: the model's ``create_model`` arguments (dict or JSON/YAML path) when the checkpoint lacks them.
         config: what to compute (:class:`~ddfm_fast.config.SamplerConfig`; default ``SamplerConfig()``:
             the model's default steps, seed 3407, the official lambda and rho, pad to /32).
         accel: how to run it (:class:`~ddfm_fast.config.AccelConfig`, or the presets ``"faithful"`` / ``"fast"``);
             None is the faithful fp32 path. The caller's model is never modified.
         device: where to run; default CUDA when available, else CPU.
-        callback: called after every step with a :class:`~ddfm_fast.sampler.StepOutput`.
+        callback: called after every step (with ``prior="none"``: every EM iteration, ``timestep`` None) with a
+            :class:`~ddfm_fast.sampler.StepOutput`; an exception raised in it stops the fusion there.
         color: also make a colour image (``FusionResult.color``; ``save()`` writes it): ``True`` keeps the chroma
             of the visible image, or of the infrared / functional one when the visible image is gray (PET, SPECT);
             ``"vis"`` / ``"ir"`` choose the source.
@@ -384,6 +387,18 @@ def fuse(
     return results if many else results[0]
 
 
+def _em_iteration_callback(callback: Callable[[StepOutput], None], total: int
+                           ) -> Callable[[int, torch.Tensor, EMState], None]:
+    """An EM-only iteration handed to a per-step callback as a :class:`StepOutput`: the estimate F as a grey RGB
+    sample (its luminance is F), ``idx`` counting down as the sampler's does, no timestep (there is no UNet)."""
+
+    def on_iteration(i: int, f: torch.Tensor, state: EMState) -> None:
+        grey = f.expand(-1, 3, -1, -1)
+        callback(StepOutput(j=i, idx=total - 1 - i, timestep=None, x_prev=grey, pred_xstart=grey, state=state))
+
+    return on_iteration
+
+
 def fuse_prepared(pairs: Sequence[PreparedPair], config: SamplerConfig, accel: AccelConfig,
                   model: Optional[nn.Module], device: torch.device, *,
                   callback: Optional[Callable[[StepOutput], None]] = None) -> list[FusionResult]:
@@ -401,7 +416,7 @@ def fuse_prepared(pairs: Sequence[PreparedPair], config: SamplerConfig, accel: A
         I = torch.cat([pairs[k].anchor for k in members]).to(device)  # noqa: E741
         V = torch.cat([pairs[k].partner for k in members]).to(device)
         if cfg.prior == "none":
-            F = fuse_em_only(I, V, cfg)
+            F = fuse_em_only(I, V, cfg, None if callback is None else _em_iteration_callback(callback, cfg.num_steps()))
             for b, k in enumerate(members):
                 results[k] = postprocess_luma(F[b, 0], pairs[k].out_hw)
             continue

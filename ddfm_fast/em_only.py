@@ -33,12 +33,14 @@ elsewhere; this module does what the ablation describes and says so.
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
 import torch
 
 from ddfm_fast import io
 from ddfm_fast.config import SamplerConfig
-from ddfm_fast.em import em_init, em_step
+from ddfm_fast.em import EMState, em_init, em_step
 
 
 class EMOnlyNonFiniteError(RuntimeError):
@@ -46,7 +48,8 @@ class EMOnlyNonFiniteError(RuntimeError):
 
 
 @torch.no_grad()
-def fuse_em_only(I: torch.Tensor, V: torch.Tensor, config: SamplerConfig) -> torch.Tensor:  # noqa: E741
+def fuse_em_only(I: torch.Tensor, V: torch.Tensor, config: SamplerConfig,  # noqa: E741
+                 callback: Optional[Callable[[int, torch.Tensor, EMState], None]] = None) -> torch.Tensor:
     """EM-only fusion (ablation I): ``config.steps`` EM iterations from ``f_0 = (I + V) / 2``; the final F (B, 1, H, W).
 
     Args:
@@ -54,6 +57,9 @@ def fuse_em_only(I: torch.Tensor, V: torch.Tensor, config: SamplerConfig) -> tor
             V = infrared / functional; see ``ddfm_fast.api``).
         config: a ``prior="none"`` config: ``steps`` EM iterations (None: 100), ``lamb``, ``rho``,
             ``tau_reduce`` and the TV proximal operator (``tv_prox``, ``tv_threshold``) as in the sampler.
+        callback: called after every iteration with its index (0 .. N-1), the estimate F and the EM state (valid
+            during the call); an exception raised in it ends the fusion there (how a progress bar advances and a
+            cancel between two iterations lands).
     """
     if config.prior != "none":
         raise ValueError("fuse_em_only takes a SamplerConfig with prior='none'")
@@ -62,9 +68,11 @@ def fuse_em_only(I: torch.Tensor, V: torch.Tensor, config: SamplerConfig) -> tor
     config = config.for_model(None)
     state = em_init(I)
     f = (I + V) / 2
-    for _ in range(config.num_steps()):
+    for i in range(config.num_steps()):
         f, state = em_step(f, I, V, state, config.lamb, config.rho, config.tau_reduce, config.tv_prox,
                            config.tv_threshold)
+        if callback is not None:
+            callback(i, f, state)
     if not bool(torch.isfinite(f).all()):
         raise EMOnlyNonFiniteError("EM-only fusion went non-finite (NaN or inf); nothing was written. "
                                    "Check the lamb / rho values")

@@ -40,7 +40,7 @@ class StepOutput:
 
     j: int  # loop position, 0 .. N-1
     idx: int  # spaced index, N-1 .. 0 (the official ``idx``, used in the official progress file names)
-    timestep: int  # the original timestep t given to the UNet
+    timestep: Optional[int]  # the original timestep t given to the UNet; None for an EM-only iteration (no UNet)
     x_prev: torch.Tensor  # the step's output x_{t-1} (the official ``out['sample']``)
     pred_xstart: torch.Tensor  # x0' after the EM rectification
     state: EMState

@@ -121,6 +121,35 @@ def test_config_and_keyword_overrides_are_one_type(pair):
         ddfm_fast.fuse(ir, vis, lambda_=0.4, **EM3)
 
 
+def test_em_only_calls_the_step_callback_once_an_iteration(pair):
+    """With ``prior="none"`` the callback sees every EM iteration (a progress bar advances, a cancel can land), and
+    the last one's estimate is the result; no timestep, as no UNet runs."""
+    ir, vis = pair
+    seen = []
+    res = ddfm_fast.fuse(ir, vis, callback=lambda out: seen.append((out.j, out.idx, out.timestep,
+                                                                    out.pred_xstart.clone())), **EM3)
+    assert [(j, idx, t) for j, idx, t, _ in seen] == [(0, 2, None), (1, 1, None), (2, 0, None)]
+    last = seen[-1][3]
+    assert last.shape[1] == 3 and torch.equal(last[:, 0], last[:, 2])  # grey: its luminance is F
+    from ddfm_fast.em_only import postprocess_em_only
+
+    np.testing.assert_array_equal(postprocess_em_only(last[:, :1, :64, :96]), res.fused)
+
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_second(out):
+        seen.append(out.j)
+        if out.j == 1:
+            raise Stop
+
+    seen = []
+    with pytest.raises(Stop):
+        ddfm_fast.fuse(ir, vis, callback=stop_at_second, prior="none", steps=50)
+    assert seen == [0, 1]  # the exception ended the iterations where it was raised
+
+
 @pytest.mark.parametrize("kind, size", [("ivf", (480, 640)), ("mif", (256, 256))])
 def test_the_shipped_examples_fuse(kind, size):
     from ddfm_fast.samples import example_pair

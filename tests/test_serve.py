@@ -180,6 +180,35 @@ def test_em_only_job_matches_the_library(images: dict[str, Path]) -> None:
         manager.close()
 
 
+def test_an_em_only_job_cancels_between_two_iterations(images: dict[str, Path], monkeypatch) -> None:
+    """EM only has no UNet to gate, so the first EM iteration is held instead: the cancel must land at the next
+    iteration's end, not when all of them have run."""
+    import ddfm_fast.em_only as em_only
+
+    entered, gate, real_step = threading.Event(), threading.Event(), em_only.em_step
+
+    def held_step(*args, **kwargs):
+        entered.set()
+        gate.wait(60)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(em_only, "em_step", held_step)
+    manager = JobManager(None, torch.device("cpu"))
+    try:
+        ir = manager.add_upload(images["ir"].read_bytes(), "infrared image ir.png", ".png")
+        vis = manager.add_upload(images["vis"].read_bytes(), "visible image vis.png", ".png")
+        job = manager.submit(ir.token, vis.token, JobRequest(prior="none", steps=50))
+        assert entered.wait(30)
+        manager.cancel(job.id)
+        gate.set()
+        snap = _wait_final(manager, job.id)
+        assert snap["state"] == "cancelled" and snap["error"] == "cancelled after step 1 of 50", snap
+        assert snap["outputs"] == [] and snap["step"] == 1
+    finally:
+        gate.set()
+        manager.close()
+
+
 class _GateModel(nn.Module):
     """A 'UNet' that holds its first call until the test opens the gate (zero epsilon after that)."""
 

@@ -14,7 +14,7 @@ temporary path is replaced by that label in any error, so the page shows the com
 
 Cancel: the sampler calls a per-step callback (:class:`~ddfm_fast.sampler.StepOutput`); the job's callback raises
 :class:`Cancelled` when the job was cancelled, which ends :meth:`~ddfm_fast.sampler.DDFMSampler.sample` between two
-steps. EM-only fusion (``prior="none"``) has no per-step callback; a cancel there takes effect when it returns.
+steps, and :func:`~ddfm_fast.em_only.fuse_em_only` between two EM iterations (``prior="none"``).
 """
 
 from __future__ import annotations
@@ -478,8 +478,8 @@ class JobManager:
         except (NonFiniteError, EMOnlyNonFiniteError) as exc:
             self._finish(job, "error", str(exc))
             return
-        if job.cancel_event.is_set():  # EM only: no step callback, the cancel lands when it returns
-            self._finish(job, "cancelled", "cancelled (EM-only fusion ran to its end; its result was discarded)")
+        if job.cancel_event.is_set():  # cancelled after the callback of the last step: the result is not shown
+            self._finish(job, "cancelled", f"cancelled after step {job.total} of {job.total}; its result was discarded")
             return
         job.step = job.total
         try:
