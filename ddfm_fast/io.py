@@ -468,13 +468,188 @@ def _png_rows_missing(fh: BinaryIO) -> tuple[int, int, bool] | None:
     return (found, expected, cut) if found < expected else None
 
 
+def _file_size(fh: BinaryIO) -> int:
+    return fh.seek(0, os.SEEK_END)
+
+
+# JPEG markers without a length field: TEM, RST0..7, SOI, EOI (ITU-T T.81, Table B.1).
+_JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xDA)])
+_JPEG_NAMES = {0xC4: "DHT", 0xC8: "JPG", 0xCC: "DAC", 0xDA: "SOS", 0xDB: "DQT", 0xDC: "DNL", 0xDD: "DRI",
+               0xDE: "DHP", 0xDF: "EXP", 0xFE: "COM"}
+# The next marker after a position: 0xFF (fill bytes 0xFF may repeat) followed by a byte that is not 0x00 (a stuffed
+# 0xFF inside entropy-coded data) nor RST0..7 (restart markers, which belong to the scan around them). libjpeg
+# skips stray bytes between segments the same way (jdmarker.c, next_marker).
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def _jpeg_marker_name(marker: int) -> str:
+    if marker in _JPEG_NAMES:
+        return _JPEG_NAMES[marker]
+    if 0xC0 <= marker <= 0xCF:
+        return f"SOF{marker - 0xC0}"
+    if 0xE0 <= marker <= 0xEF:
+        return f"APP{marker - 0xE0}"
+    return f"0xFF{marker:02X}"
+
+
+def _jpeg_cut(fh: BinaryIO) -> str | None:
+    """Why a JPEG file ends before its end-of-image marker (EOI), or None when it reaches one (or is no JPEG).
+
+    The markers are walked from SOI as libjpeg reads them: each segment is skipped by its length, each scan's
+    entropy-coded data up to the next marker, until the first EOI (what follows it, such as an MPO's second image
+    or trailing bytes, is not read). Pillow's decoder refuses a JPEG cut short only while ``ImageFile.
+    LOAD_TRUNCATED_IMAGES`` is off, a process-wide switch any other library may turn on; then it appends an EOI
+    itself and libjpeg fills the missing part of the image with grey. This walk does not depend on that switch.
+    """
+    fh.seek(0)
+    if fh.read(3) != b"\xff\xd8\xff":
+        return None
+    fh.seek(0)
+    data = fh.read()
+    size, pos, scans = len(data), 2, 0
+    while True:
+        found = _JPEG_NEXT_MARKER.search(data, pos)
+        if found is None:
+            break
+        marker, pos = data[found.start() + 1], found.end()
+        if marker == 0xD9:
+            return None
+        if marker in _JPEG_STANDALONE:
+            continue
+        if pos + 2 > size:
+            return (f"it ends early (at byte {size}, inside the length of its {_jpeg_marker_name(marker)} segment "
+                    f"at byte {pos - 2}): the file is truncated")
+        end = pos + struct.unpack(">H", data[pos:pos + 2])[0]
+        if end < pos + 2:  # a length below 2 is corrupt, not short: libjpeg names that
+            return None
+        if end > size:
+            return (f"it ends early (at byte {size}, inside its {_jpeg_marker_name(marker)} segment of bytes "
+                    f"{pos - 2}..{end}): the file is truncated")
+        scans += marker == 0xDA
+        pos = end
+    if scans == 0:
+        return f"it ends early (at byte {size}, before its image data begins): the file is truncated"
+    return (f"its image data ends early (the file ends at byte {size} in scan {scans}, with no end-of-image "
+            "marker): the file is truncated")
+
+
+_TIFF_PREFIXES = (b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")  # as Pillow accepts them
+# Bytes per value of the TIFF field types Pillow reads (TIFF 6.0 section 2, BigTIFF's LONG8); it skips the others.
+_TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8}
+
+
+def _tiff_cut(fh: BinaryIO) -> str | None:
+    """Why a TIFF file ends before the directories (IFDs) it points to, or None when they are all in the file (or it
+    is no TIFF).
+
+    Pillow reads a directory cut short, or a tag value past the end of the file, with a ``UserWarning`` and then
+    fails to identify the file or drops the tag. Checking the chain of directories first (as Pillow walks it,
+    loops ending it) makes a cut file one error and no warning. Values of field types Pillow skips, and repeated
+    tags, are skipped here too.
+    """
+    fh.seek(0)
+    head = fh.read(16)
+    if head[:4] not in _TIFF_PREFIXES:
+        return None
+    size = _file_size(fh)
+    big = head[2] == 43  # Pillow's test for BigTIFF
+    e, word = ("<" if head[:2] == b"II" else ">"), ("Q" if big else "L")
+    if size < (16 if big else 8):
+        return f"it ends early (at byte {size}, inside its TIFF header): the file is truncated"
+    offset = struct.unpack(e + word, head[8:16] if big else head[4:8])[0]
+    count_bytes, entry_bytes, inline = (8, 20, 8) if big else (2, 12, 4)
+    seen: set[int] = set()
+    while offset and offset not in seen:
+        seen.add(offset)
+        which = "its directory" if len(seen) == 1 else f"its directory for page {len(seen)}"
+        if offset + count_bytes > size:
+            return (f"{which} begins past the end of the file (at byte {offset}, the file has {size} bytes): "
+                    "the file is truncated")
+        fh.seek(offset)
+        (count,) = struct.unpack(e + ("Q" if big else "H"), fh.read(count_bytes))
+        end = offset + count_bytes + count * entry_bytes + (8 if big else 4)
+        if end > size:
+            return f"{which} ends early (it runs to byte {end}, the file has {size} bytes): the file is truncated"
+        table = fh.read(end - offset - count_bytes)
+        tags: set[int] = set()
+        for k in range(0, count * entry_bytes, entry_bytes):
+            tag, kind, n = struct.unpack(e + "HH" + word, table[k:k + entry_bytes - inline])
+            if tag in tags or kind not in _TIFF_TYPE_BYTES:
+                continue
+            tags.add(tag)
+            nbytes = n * _TIFF_TYPE_BYTES[kind]
+            if nbytes > inline:
+                (at,) = struct.unpack(e + word, table[k + entry_bytes - inline:k + entry_bytes])
+                if at + nbytes > size:
+                    return (f"{which} points past the end of the file (tag {tag}'s value at bytes {at}..{at + nbytes}, "
+                            f"the file has {size} bytes): the file is truncated or damaged")
+        (offset,) = struct.unpack(e + word, table[-inline:])
+    return None
+
+
+def _tag_tuple(value: Any) -> tuple:
+    """A TIFF tag's value as a tuple (Pillow gives one value of a tag that may hold several as it is)."""
+    return tuple(value) if isinstance(value, tuple) else (value,)
+
+
+def _tiff_raw_short(fh: BinaryIO, img: Image.Image) -> tuple[int, int] | None:
+    """(bytes in the file, bytes the header promises) when an uncompressed TIFF's strips or tiles run past the end
+    of the file, else None.
+
+    Pillow's raw decoder reads each strip from its offset for as many rows as the strip covers (its tile list), and
+    leaves what the file does not hold black when ``ImageFile.LOAD_TRUNCATED_IMAGES`` is on. A strip promises the
+    bytes its rows need, from its extent and the bits per pixel (BitsPerSample, normalised to SamplesPerPixel as
+    Pillow does; a stride, when Pillow sets one for tiles cut by the image's edge, spaces the rows), and at least
+    its StripByteCounts / TileByteCounts (which also count the padding of edge tiles; libtiff refuses a strip
+    shorter than its count).
+    """
+    tiles = list(img.tile)
+    if not tiles or any(t[0] != "raw" for t in tiles):
+        return None
+    tags = img.tag_v2  # type: ignore[attr-defined]
+    offsets_tag, counts_tag = (273, 279) if 273 in tags else (324, 325)  # strips, else tiles (as Pillow reads)
+    offsets, counts = (_tag_tuple(tags.get(t, ())) for t in (offsets_tag, counts_tag))
+    # Pillow makes one tile per offset, or one for the last offset when a single strip covers the image.
+    first = len(offsets) - len(tiles)
+    if len(counts) != len(offsets) or first < 0 or [t[2] for t in tiles] != list(offsets[first:]):
+        counts, first = (0,) * len(tiles), 0  # counts that do not match the offsets: the rows alone say
+    counts = counts[first:]
+    bps = tuple(int(b) for b in _tag_tuple(tags.get(258, (1,))))
+    samples = int(tags.get(277, 1))
+    extra = _tag_tuple(tags.get(338, ()))
+    planar = tags.get(284, 1) == 2
+    if planar and extra and max(extra) == 0:  # Pillow ignores unspecified extra planes
+        bps, samples = bps[:-len(extra)], samples - len(extra)
+    if samples < len(bps):
+        bps = bps[:samples]
+    elif samples > len(bps) == 1:
+        bps = bps * samples
+    if not bps:
+        return None
+    size = _file_size(fh)
+    found = expected = 0
+    layer = 0
+    for k, tile in enumerate(tiles):
+        x0, y0, x1, y1 = tile[1]
+        if planar and k and (x0, y0) == (0, 0):
+            layer += 1
+        bits = bps[min(layer, len(bps) - 1)] if planar else sum(bps)
+        row = ((x1 - x0) * bits + 7) // 8
+        stride = tile[3][1] if isinstance(tile[3], tuple) and len(tile[3]) > 1 else 0
+        need = max((y1 - y0 - 1) * (stride or row) + row if y1 > y0 else 0, int(counts[k]))
+        expected += need
+        found += min(need, max(0, size - tile[2]))
+    return (found, expected) if found < expected else None
+
+
 @contextmanager
 def _opened_header(path: Union[str, bytes, os.PathLike]) -> Iterator[tuple[BinaryIO, Image.Image, str]]:
     """An image file opened and parsed by Pillow up to its header (nothing decoded): ``(file, image, label)``.
 
     Every failure is an :class:`ImageReadError` naming the file: an odd file (missing, a folder, a FIFO, ...), a
-    format Pillow cannot read, a corrupt header. The file and the image are closed on exit; errors raised inside
-    the block pass through unchanged, so the caller keeps its own handling of decode errors.
+    format Pillow cannot read, a corrupt header, a header cut short (a TIFF's directories are checked before
+    Pillow reads them, so that a cut one is not a warning too). The file and the image are closed on exit; errors
+    raised inside the block pass through unchanged, so the caller keeps its own handling of decode errors.
     """
     label = display_name(path)
     try:
@@ -483,12 +658,25 @@ def _opened_header(path: Union[str, bytes, os.PathLike]) -> Iterator[tuple[Binar
         raise ImageReadError(f"{label}: {exc.reason}") from None
     with fh:
         try:
+            cut = _tiff_cut(fh)
+        except _CORRUPT as exc:  # a read error, or a file that shrank while it was read
+            raise _read_error(label, exc) from exc
+        if cut is not None:
+            raise ImageReadError(f"{label}: {cut}")
+        try:
+            fh.seek(0)
             with _pillow_limit_lifted():
                 img = Image.open(fh)
-        except UnidentifiedImageError:
-            raise ImageReadError(f"{label}: not in an image format Pillow can read (PNG, JPEG, BMP, TIFF, WebP, GIF, "
-                                 "PNM, ...), or corrupt from its first bytes") from None
-        except _CORRUPT as exc:
+        except _CORRUPT as exc:  # UnidentifiedImageError among them (an OSError)
+            try:  # Pillow's words for a JPEG header cut short vary ("Truncated File Read", ...): say what it is
+                cut = _jpeg_cut(fh)
+            except _CORRUPT:
+                cut = None  # the file cannot be read again: Pillow's own error below says why
+            if cut is not None:
+                raise ImageReadError(f"{label}: {cut}") from None
+            if isinstance(exc, UnidentifiedImageError):
+                raise ImageReadError(f"{label}: not in an image format Pillow can read (PNG, JPEG, BMP, TIFF, WebP, "
+                                     "GIF, PNM, ...), or corrupt from its first bytes") from None
             raise _read_error(label, exc) from exc
         try:
             yield fh, img, label
@@ -507,6 +695,15 @@ def _decode_file(path: Union[str, bytes, os.PathLike], cap: int) -> DecodedImage
                     what = "the file is truncated" if cut else "the file is damaged"
                     raise ImageReadError(f"{label}: its image data ends early ({found} of the {expected} bytes its "
                                          f"header promises): {what}")
+            elif img.format in ("JPEG", "MPO"):
+                cut = _jpeg_cut(fh)
+                if cut is not None:
+                    raise ImageReadError(f"{label}: {cut}")
+            elif img.format == "TIFF":
+                short = _tiff_raw_short(fh, img)
+                if short is not None:
+                    raise ImageReadError(f"{label}: its image data ends early ({short[0]} of the {short[1]} bytes "
+                                         "its header promises): the file is truncated")
             rawmode = _colour16(img, label)
             w, h = img.size
             with _pillow_limit_lifted() if _above_pillow_limit(w * h) else nullcontext():

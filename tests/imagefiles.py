@@ -83,3 +83,48 @@ def tiff16(arr: np.ndarray, byteorder: str = "<", compression: int = 1, size: tu
         else:
             out += struct.pack(e + "HHII", tag, typ, count, value)
     return out + struct.pack(e + "I", 0)
+
+
+def tiff8(arr: np.ndarray, *, rows_per_strip: int | None = None, tile: tuple[int, int] | None = None,
+          planar: bool = False) -> bytes:
+    """An uncompressed little-endian 8-bit TIFF of ``arr`` (H, W) gray or (H, W, 3) RGB, its directory first and the
+    pixel data last (as Pillow writes an uncompressed TIFF, so that a cut falls in the pixels): in strips of
+    ``rows_per_strip`` rows (default: one strip), or in ``tile`` = (width, length) tiles (multiples of 16; edge
+    tiles padded to full size, as TIFF 6.0 section 15 requires); RGB samples interleaved, or one plane each when
+    ``planar``."""
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    h, w, c = arr.shape
+    chunks: list[bytes] = []
+    for plane in ([arr[..., k:k + 1] for k in range(c)] if planar else [arr]):
+        if tile is None:
+            rows = rows_per_strip or h
+            chunks += [plane[y:y + rows].tobytes() for y in range(0, h, rows)]
+        else:
+            tw, tl = tile
+            padded = np.zeros((-(-h // tl) * tl, -(-w // tw) * tw, plane.shape[2]), np.uint8)
+            padded[:h, :w] = plane
+            chunks += [padded[y:y + tl, x:x + tw].tobytes() for y in range(0, h, tl) for x in range(0, w, tw)]
+    n = len(chunks)
+    offsets_tag, counts_tag = (273, 279) if tile is None else (324, 325)
+    layout = [(278, 3, 1, rows_per_strip or h)] if tile is None else [(322, 3, 1, tile[0]), (323, 3, 1, tile[1])]
+    tags = sorted([(256, 3, 1, w), (257, 3, 1, h), (258, 3, c, 8), (259, 3, 1, 1), (262, 3, 1, 2 if c == 3 else 1),
+                   (offsets_tag, 4, n, 0), (277, 3, 1, c), (counts_tag, 4, n, 0), (284, 3, 1, 2 if planar else 1),
+                   *layout])
+    values_at = 8 + 2 + 12 * len(tags) + 4  # the out-of-line values follow the directory, the pixels follow them
+    bps_at, offsets_at, counts_at = values_at, values_at + 6, values_at + 6 + 4 * n
+    data_at = counts_at + 4 * n
+    offsets = [data_at + sum(map(len, chunks[:k])) for k in range(n)]
+    out = b"II*\0" + struct.pack("<IH", 8, len(tags))
+    for tag, typ, count, value in tags:
+        if tag == 258 and c == 3:
+            value = bps_at
+        elif tag in (offsets_tag, counts_tag):
+            values = offsets if tag == offsets_tag else [len(chunk) for chunk in chunks]
+            value = values[0] if n == 1 else (offsets_at if tag == offsets_tag else counts_at)
+        if typ == 3 and count == 1:  # a single SHORT sits left-justified in the 4-byte field
+            out += struct.pack("<HHIHH", tag, typ, count, value, 0)
+        else:
+            out += struct.pack("<HHII", tag, typ, count, value)
+    out += struct.pack("<I", 0) + struct.pack("<3H", 8, 8, 8)
+    out += struct.pack(f"<{n}I", *offsets) + struct.pack(f"<{n}I", *map(len, chunks))
+    return out + b"".join(chunks)

@@ -7,7 +7,9 @@ truncations, and edits of the header fields a reader trusts (sizes, bit depths, 
 offsets), with the PNG CRC recomputed so that an edit gets past the checksum as an attacker's would. An outcome is
 acceptable when it is a decoded image (finite, in [0, 1], of the size the header promised up to a quarter turn) or
 an :class:`ImageReadError` / ``ValueError`` whose message is one line naming the file; anything else, another
-exception type, a multi-line message, a warning about a decompression bomb, fails.
+exception type, a multi-line message, a warning about a decompression bomb, fails. A truncated file is held to
+more: it is refused (or, where only bytes after the image data are missing, reads exactly as the whole file), with
+no warning beside the error, whatever Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` switch says.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 import ddfm_fast
 from ddfm_fast import io
@@ -133,9 +135,13 @@ def _mutations(data: bytes, edits: Callable[[bytes], Iterator[tuple[str, bytes]]
         for k in where:
             buf[k] ^= 1 << int(rng.integers(0, 8))
         out.append((f"flip {sorted(where.tolist())}", bytes(buf)))
-    for size in sorted({0, 1, 8, 16, 33, *rng.integers(34, len(data), size=CUTS).tolist()}):
+    for size in _cuts(data, rng):
         out.append((f"cut at {size}", data[:size]))
     return out
+
+
+def _cuts(data: bytes, rng: np.random.Generator) -> list[int]:
+    return sorted({0, 1, 8, 16, 33, *rng.integers(34, len(data), size=CUTS).tolist()})
 
 
 def _sources(data_dir: Path) -> dict[str, tuple[bytes, Callable]]:
@@ -182,9 +188,23 @@ def _read_outcome(path: Path, problems: list[str], what: str) -> np.ndarray | No
     return gray
 
 
+def _check_cut(gray: np.ndarray | None, whole: np.ndarray, caught: list, problems: list[str], what: str) -> None:
+    """A truncated file is refused, or reads as the whole file (nothing of the image was cut); and never warns."""
+    if gray is not None and not (gray.shape == whole.shape and np.array_equal(gray, whole)):
+        problems.append(f"{what}: a truncated file read as other pixels than the whole file's")
+    if caught:
+        problems.append(f"{what}: warned beside its outcome: {[f'{w.category.__name__}: {w.message}' for w in caught]}")
+
+
 @pytest.fixture(scope="module")
 def sources(data_dir: Path) -> dict[str, tuple[bytes, Callable]]:
     return _sources(data_dir)
+
+
+def _whole(kind: str, data: bytes, tmp_path: Path) -> np.ndarray:
+    path = tmp_path / f"whole.{kind.split('.')[-1]}"
+    path.write_bytes(data)
+    return io.read_gray(path)
 
 
 def test_mutated_files_read_or_fail_clearly(sources, tmp_path):
@@ -192,18 +212,22 @@ def test_mutated_files_read_or_fail_clearly(sources, tmp_path):
     problems: list[str] = []
     counts = {"read": 0, "refused": 0}
     slowest = (0.0, "")
+    bombs: list[str] = []
     t_all = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for kind, (data, edits) in sources.items():
-            for k, (what, blob) in enumerate(_mutations(data, edits, rng)):
-                path = tmp_path / f"{kind.split('.')[0]}_{k:03d}.{kind.split('.')[-1]}"
-                path.write_bytes(blob)
-                t0 = time.perf_counter()
+    for kind, (data, edits) in sources.items():
+        whole = _whole(kind, data, tmp_path)
+        for k, (what, blob) in enumerate(_mutations(data, edits, rng)):
+            path = tmp_path / f"{kind.split('.')[0]}_{k:03d}.{kind.split('.')[-1]}"
+            path.write_bytes(blob)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 gray = _read_outcome(path, problems, f"{kind} {what}")
-                slowest = max(slowest, (time.perf_counter() - t0, f"{kind} {what}"))
-                counts["read" if gray is not None else "refused"] += 1
-    bombs = [str(w.message) for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+            slowest = max(slowest, (time.perf_counter() - t0, f"{kind} {what}"))
+            counts["read" if gray is not None else "refused"] += 1
+            bombs += [str(w.message) for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+            if what.startswith("cut at"):
+                _check_cut(gray, whole, caught, problems, f"{kind} {what}")
     assert not bombs, bombs
     assert not problems, "\n".join(problems)
     # Both outcomes occur (the mutations are not all harmless, nor all fatal); 4 sources x ~50 mutations each.
@@ -211,6 +235,30 @@ def test_mutated_files_read_or_fail_clearly(sources, tmp_path):
     # A header parse or a small decode each: measured under 0.2 s for the slowest case on the 2-core dev CPU.
     assert slowest[0] < 5.0, slowest
     assert time.perf_counter() - t_all < 60
+
+
+@pytest.mark.parametrize("load_truncated", [False, True])
+def test_cut_files_are_refused_whatever_pillows_switch_says(sources, tmp_path, monkeypatch, load_truncated):
+    # With ImageFile.LOAD_TRUNCATED_IMAGES on (a process-wide switch that other code sets), Pillow itself reads a
+    # cut JPEG or TIFF without a word, the missing part grey or black; the reader's own checks must not change.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", load_truncated)
+    rng = np.random.default_rng(SEED + 2)
+    problems: list[str] = []
+    refused = total = 0
+    for kind, (data, _) in sources.items():
+        whole = _whole(kind, data, tmp_path)
+        for size in _cuts(data, rng) + [len(data) // 2, len(data) - 1]:
+            total += 1
+            path = tmp_path / f"cut_{size}.{kind.split('.')[-1]}"
+            path.write_bytes(data[:size])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                gray = _read_outcome(path, problems, f"{kind} cut at {size}")
+            refused += gray is None
+            _check_cut(gray, whole, caught, problems, f"{kind} cut at {size}")
+    assert not problems, "\n".join(problems)
+    # Every cut loses image data but the PNG's last byte (part of the CRC of IEND, after all the image data).
+    assert refused == total - 1, (refused, total)
 
 
 def test_mutated_crops_fuse_or_fail_clearly(data_dir, tmp_path):

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import time
 import warnings
+from io import BytesIO
 from pathlib import Path
 
 import imagefiles
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from ddfm_fast import io
 
 MSRS_IR = "ivf/MSRS/ir/00004N.png"  # 640x480 8-bit gray
 MSRS_VI = "ivf/MSRS/vi/00004N.png"  # 640x480 8-bit RGB
+ROADSCENE_VI = "ivf/RoadScene/vi/FLIR_05879.jpg"  # 560x302 baseline JPEG
 
 
 def _read_error(src, **kwargs) -> str:
@@ -123,6 +126,146 @@ def test_a_png_whose_data_holds_fewer_rows_than_its_header_is_refused(tmp_path, 
     path.write_bytes(imagefiles.png_bytes(arr, interlace=interlace, height=9))
     msg = _read_error(path)
     assert msg.startswith(f"{path}: its image data ends early (") and msg.endswith("the file is damaged"), msg
+
+
+# ------------------------------------------------------------------------------------------ truncated files
+# Pillow refuses a cut JPEG or uncompressed TIFF only while ImageFile.LOAD_TRUNCATED_IMAGES is off; that switch is
+# process-wide and other code turns it on, and then Pillow reads the missing part as grey (JPEG) or black (TIFF)
+# without a word. The reader checks the file's own structure instead, so each test runs with the switch off and on.
+
+
+def _quiet_read_error(path) -> str:
+    """:func:`_read_error`, with no warning beside the error."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        msg = _read_error(path)
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
+    return msg
+
+
+def _jpegs(data_dir) -> dict[str, bytes]:
+    buf = BytesIO()
+    Image.open(data_dir / ROADSCENE_VI).save(buf, format="JPEG", progressive=True, quality=90)
+    return {"baseline": (data_dir / ROADSCENE_VI).read_bytes(), "progressive": buf.getvalue()}
+
+
+@pytest.mark.parametrize("load_truncated", [False, True])
+@pytest.mark.parametrize("kind", ["baseline", "progressive"])
+def test_a_jpeg_cut_short_is_refused(data_dir, tmp_path, monkeypatch, kind, load_truncated):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", load_truncated)
+    data = _jpegs(data_dir)[kind]
+    sos = data.index(b"\xff\xda")
+    path = tmp_path / "cut.jpg"
+    for size in (len(data) * 3 // 10, len(data) * 6 // 10, len(data) - 2, len(data) - 1):  # no EOI, or half of it
+        path.write_bytes(data[:size])
+        assert io.image_size(path) == (560, 302)  # the header is whole: only the decode finds the cut
+        msg = _quiet_read_error(path)
+        scan = "1" if kind == "baseline" else r"\d+"  # the progressive file has 10 scans
+        assert re.fullmatch(rf"{re.escape(str(path))}: its image data ends early \(the file ends at byte {size} "
+                            rf"in scan {scan}, with no end-of-image marker\): the file is truncated", msg), msg
+    path.write_bytes(data[:sos - 3])  # inside the segment before the first scan (a table)
+    msg = _quiet_read_error(path)
+    assert re.fullmatch(rf"{re.escape(str(path))}: it ends early \(at byte {sos - 3}, inside its [A-Z]+[0-9]* segment "
+                        rf"of bytes \d+\.\.{sos}\): the file is truncated", msg), msg
+
+
+def test_jpegs_that_reach_their_end_marker_still_read(data_dir, tmp_path):
+    jpegs = _jpegs(data_dir)
+    base = jpegs["baseline"]
+    sos = base.index(b"\xff\xda")
+    buf = BytesIO()
+    Image.open(data_dir / ROADSCENE_VI).save(buf, format="JPEG", restart_marker_rows=1)
+    assert b"\xff\xd0" in buf.getvalue()
+    whole = io.read_rgb8(data_dir / ROADSCENE_VI)
+    cases = {
+        "progressive": (jpegs["progressive"], None),
+        "restart markers": (buf.getvalue(), None),
+        "bytes after EOI": (base + b"\0 trailing bytes \xff\xd8\xff\xe0\0\x10", whole),
+        "fill bytes before markers": (base[:sos] + b"\xff\xff" + base[sos:-2] + b"\xff\xff\xd9", whole),
+    }
+    for name, (blob, expected) in cases.items():
+        path = tmp_path / "whole.jpg"
+        path.write_bytes(blob)
+        expected = np.asarray(Image.open(path).convert("RGB")) if expected is None else expected
+        np.testing.assert_array_equal(io.read_rgb8(path), expected, err_msg=name)
+
+
+def _raw_tiff(data_dir) -> bytes:
+    """An uncompressed RGB TIFF of real pixels (96x64), as Pillow writes it: header, directory, then the pixels."""
+    crop = Image.open(data_dir / MSRS_VI).convert("RGB").crop((200, 150, 296, 214))
+    buf = BytesIO()
+    crop.save(buf, format="TIFF", compression="raw")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("load_truncated", [False, True])
+def test_a_raw_tiff_cut_short_is_refused(data_dir, tmp_path, monkeypatch, load_truncated):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", load_truncated)
+    data = _raw_tiff(data_dir)
+    (tile,) = Image.open(BytesIO(data)).tile
+    start, promised = tile[2], 96 * 64 * 3
+    assert len(data) == start + promised
+    path = tmp_path / "cut.tif"
+    for size in (start + 1, start + promised // 2, len(data) - 1):
+        path.write_bytes(data[:size])
+        assert io.image_size(path) == (96, 64)
+        assert _quiet_read_error(path) == (f"{path}: its image data ends early ({size - start} of the {promised} "
+                                           "bytes its header promises): the file is truncated")
+
+
+@pytest.mark.parametrize("layout", [dict(rows_per_strip=7), dict(tile=(32, 16)), dict(planar=True, rows_per_strip=10),
+                                    dict(planar=True, tile=(16, 16))],
+                         ids=["strips", "tiles", "planes", "planar tiles"])
+@pytest.mark.parametrize("load_truncated", [False, True])
+def test_raw_tiffs_in_strips_tiles_and_planes_read_exactly_and_refuse_a_cut(data_dir, tmp_path, monkeypatch, layout,
+                                                                            load_truncated):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", load_truncated)
+    rgb = np.asarray(Image.open(data_dir / MSRS_VI).convert("RGB"))[100:171, 200:297]  # 97x71: edge tiles padded
+    blob = imagefiles.tiff8(rgb, **layout)
+    path = tmp_path / "layout.tif"
+    path.write_bytes(blob)
+    np.testing.assert_array_equal(io.read_rgb(path), rgb)
+    start = min(t[2] for t in Image.open(path).tile)  # the strips or tiles follow each other to the end of the file
+    # A cut anywhere in them is refused, in the padding of the last edge tile too (rows below the image), which
+    # its TileByteCounts promise.
+    for size in (start + 5, (start + len(blob)) // 2, len(blob) - 1):
+        path.write_bytes(blob[:size])
+        assert _quiet_read_error(path) == (f"{path}: its image data ends early ({size - start} of the "
+                                           f"{len(blob) - start} bytes its header promises): the file is truncated")
+
+
+def test_a_tiff_cut_in_its_directory_is_one_error_and_no_warning(data_dir, tmp_path):
+    # Pillow reads a directory cut short with UserWarnings ("Corrupt EXIF data ...") before it gives up on the file
+    # or drops the tag; the reader checks the directories first.
+    raw = _raw_tiff(data_dir)  # the directory first (at byte 8), then its values, then the pixels
+    crop = Image.open(BytesIO(raw))
+    buf = BytesIO()
+    crop.save(buf, format="TIFF", compression="tiff_lzw")  # through libtiff: the directory last
+    lzw = buf.getvalue()
+    e = "<" if raw[:2] == b"II" else ">"
+    (count,) = struct.unpack(e + "H", raw[8:10])
+    entries_end = 8 + 2 + 12 * count + 4
+    (lzw_ifd,) = struct.unpack(e + "I", lzw[4:8])
+    assert lzw_ifd > len(lzw) // 2
+    cases = {
+        "header.tif": (raw[:6], "it ends early (at byte 6, inside its TIFF header)"),
+        "entries.tif": (raw[:40], f"its directory ends early (it runs to byte {entries_end}, the file has 40 bytes)"),
+        "values.tif": (raw[:entries_end + 2], f"its directory points past the end of the file (tag 258's value at "
+                                              f"bytes {entries_end}..{entries_end + 6}, the file has {entries_end + 2} "
+                                              "bytes)"),
+        "lzw.tif": (lzw[:lzw_ifd], f"its directory begins past the end of the file (at byte {lzw_ifd}, the file has "
+                                   f"{lzw_ifd} bytes)"),
+    }
+    for name, (blob, words) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(blob)
+        ending = "the file is truncated or damaged" if name == "values.tif" else "the file is truncated"
+        assert _quiet_read_error(path) == f"{path}: {words}: {ending}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(io.ImageReadError, match=re.escape(words)):
+                io.image_size(path)
+        assert not caught, [str(w.message) for w in caught]
 
 
 def test_open_image_decodes_once_for_gray_and_colour(data_dir, tmp_path):
