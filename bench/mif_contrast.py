@@ -16,11 +16,8 @@ markdown table beside it.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -30,6 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import quality_report as qr  # noqa: E402
+from shrinkage_fit import run_record, write_report  # noqa: E402
 from ddfm_fast.shrinkage import DEFAULT_CONTRAST, DEFAULT_STEPS, ShrinkagePrior  # noqa: E402
 
 KEYS = qr.PAPER_KEYS
@@ -62,17 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             print(name, c, rows[-1]["worse"], flush=True)
         sets[name] = {"pairs": stems, "em_only": base, "contrasts": rows}
     report = {
-        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python bench/mif_contrast.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, CPU, 1 thread, torch {torch.__version__}",
-        "steps": args.steps, "max_side": args.max_side, "shipped_contrast": DEFAULT_CONTRAST, "sets": sets,
+        **run_record("mif_contrast.py", argv),
+        "steps": args.steps, "pairs": args.pairs, "max_side": args.max_side, "shipped_contrast": DEFAULT_CONTRAST, "sets": sets,
         "seconds": time.perf_counter() - t0,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_markdown(report))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_report(Path(args.out), report, _markdown(report))
     return 0
 
 
@@ -80,7 +72,7 @@ def _markdown(r: dict) -> str:
     lines = [
         "# The shrinkage prior's contrast on the MIF dev sets (a diagnostic; nothing is chosen here)", "",
         f"Generated {r['generated']} by `{r['command']}` ({r['machine']}), {r['steps']} steps, the quality report's "
-        f"pairs (first 5 of each set by name, longer side <= {r['max_side']} px). The shipped contrast is "
+        f"pairs (first {r.get('pairs', 5)} of each set by name, longer side <= {r['max_side']} px). The shipped contrast is "
         f"{r['shipped_contrast']:g}, chosen on training-pool pairs by `bench/shrinkage_fit.py`. A count is the number "
         "of the six paper metrics below EM only on the same pairs (the medical guard: at most 2).", "",
         "| set | method | " + " | ".join(KEYS) + " | worse than EM only |",

@@ -102,19 +102,28 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in step_rows[-1].items()
                           if k != "em_only"}), flush=True)
     report = {
-        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python bench/shrinkage_fit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, CPU, 1 thread, torch {torch.__version__}",
+        **run_record("shrinkage_fit.py", argv),
         "pairs": {name: len(v) for name, v in data.items()}, "max_side": args.max_side,
         "em_only": base, "sweep": sweep, "best_contrast": best, "steps": step_rows,
         "seconds": time.perf_counter() - t0,
     }
-    out = Path(args.out)
+    write_report(Path(args.out), report, _markdown(report))
+    return 0
+
+
+def run_record(script: str, argv: list[str] | None) -> dict[str, str]:
+    """When, how and where a bench script ran: the head of its JSON report (1 thread, as these scripts set)."""
+    return {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": f"{platform.machine()}, CPU, 1 thread, torch {torch.__version__}"}
+
+
+def write_report(out: Path, report: dict, markdown: str) -> None:
+    """The JSON report at ``out`` and its markdown beside it (same name, ``.md``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_markdown(report))
+    out.with_suffix(".md").write_text(markdown)
     print(f"wrote {out} and {out.with_suffix('.md')}")
-    return 0
 
 
 def _markdown(r: dict) -> str:
