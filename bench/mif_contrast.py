@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         sets[name] = {"pairs": stems, "em_only": base, "contrasts": rows}
     report = {
         **run_record("mif_contrast.py", argv),
-        "steps": args.steps, "pairs": args.pairs, "max_side": args.max_side, "shipped_contrast": DEFAULT_CONTRAST, "sets": sets,
+        "steps": args.steps, "pairs": args.pairs, "max_side": args.max_side, "shipped_contrast": DEFAULT_CONTRAST,
+        "sets": sets,
         "seconds": time.perf_counter() - t0,
     }
     write_report(Path(args.out), report, _markdown(report))
@@ -72,8 +73,8 @@ def _markdown(r: dict) -> str:
     lines = [
         "# The shrinkage prior's contrast on the MIF dev sets (a diagnostic; nothing is chosen here)", "",
         f"Generated {r['generated']} by `{r['command']}` ({r['machine']}), {r['steps']} steps, the quality report's "
-        f"pairs (first {r.get('pairs', 5)} of each set by name, longer side <= {r['max_side']} px). The shipped contrast is "
-        f"{r['shipped_contrast']:g}, chosen on training-pool pairs by `bench/shrinkage_fit.py`. A count is the number "
+        f"pairs (first {r.get('pairs', 5)} of each set by name, longer side <= {r['max_side']} px). The shipped "
+        f"contrast is {r['shipped_contrast']:g}, chosen on training-pool pairs by `bench/shrinkage_fit.py`. A count is the number "
         "of the six paper metrics below EM only on the same pairs (the medical guard: at most 2).", "",
         "| set | method | " + " | ".join(KEYS) + " | worse than EM only |",
         "| --- | --- | " + " | ".join("---" for _ in KEYS) + " | --- |",
