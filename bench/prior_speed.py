@@ -6,7 +6,9 @@ Runs ``ddfm-fast fuse IR VIS -o OUT`` on the 640x480 MSRS pair of the README (de
 a subprocess, interleaving the variants round by round so that a change in the machine's load hits all of them
 alike: the shipped prior (the default, no ``--checkpoint``) and ``--other`` (another prior's file: the previous
 one or a candidate, via ``--checkpoint``), each with the allocator tuning of the command line (``ddfm_fast._alloc``) and without it
-(``DDFM_FAST_MALLOC=default``). Wall, user and system seconds of each run come from ``os.wait4``; the report
+(``DDFM_FAST_MALLOC=default``). Wall, user and system seconds of each run come from ``os.wait4``
+(``ddfm_fast.benchmarks.time_command``, shared with ``ddfm-fast bench --suite cpu``, whose whole-command section
+measures the README's ``--example`` command with the default prior against ``ddfm-small``); the report
 gives their medians and checks that tuned and untuned runs of one prior write identical files. Writes
 ``bench/results/prior_speed.json`` and ``.md``.
 """
@@ -19,13 +21,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from ddfm_fast.benchmarks import time_command
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -34,15 +36,11 @@ VIS = DATA / "ivf/MSRS/vi/00004N.png"
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
-    return {"wall_s": wall, "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "maxrss_mb": usage.ru_maxrss / 1024}
+    """One timed run (``ddfm_fast.benchmarks.time_command``: the timing ``ddfm-fast bench --suite cpu`` uses)."""
+    r = time_command(cmd, env=env)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.error}")
+    return {"wall_s": r.wall_s, "user_s": r.user_s, "sys_s": r.sys_s, "maxrss_mb": r.maxrss_mb}
 
 
 def main(argv: list[str] | None = None) -> int:

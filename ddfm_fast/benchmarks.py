@@ -33,6 +33,13 @@ a step over ``step_s``. A row whose execution plan changed at run time (a compil
 ``ExecutionPlan.fallbacks``) fails: it would otherwise time the slow path under the fast path's name. PSNR is
 that of the first image's 8-bit output against the reference's (the first image of every batch has the
 reference's inputs); peak memory is the row's own (its model copy, buffers, graph pool, activations).
+
+The whole command (the cpu suite, before its rows): the README's first command, ``ddfm-fast fuse --example -o
+OUT.png``, run as a user runs it (a fresh interpreter: imports, model load, sampling, writing), with the default
+prior and with the previous shipped prior (``--checkpoint ddfm-small``), interleaved round by round so a change in
+the machine's load hits both alike. Wall seconds from ``perf_counter``, user and system seconds of the child from
+``os.wait4``; medians over the rounds, their ratio, and the README command's target (<= 15 s, default prior). Each
+round is gated like a row. A run that fails is reported with its stderr's last line, never with a time.
 """
 
 from __future__ import annotations
@@ -40,13 +47,18 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -118,6 +130,17 @@ CPU_PRIORS = Priors(tflops={"fp32": 0.02, "tf32": 0.02, "fp16": 0.002, "bf16": 0
                     compile_s=60.0, tail_s=5.0, overhead_s=1.0)
 
 
+def cpu_priors() -> Priors:
+    """:data:`CPU_PRIORS` for this CPU: without native bf16 (AVX512-BF16 or AMX) bf16 is emulated, as slow as fp16
+    (a 480x640 bf16 row of the cpu suite took 525 s on a 2-core AVX2 EPYC, about what the fp16 rate predicts), so the
+    gate skips what would not fit instead of predicting it from the native rate."""
+    from ddfm_fast.plan import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
+        return CPU_PRIORS
+    return dataclasses.replace(CPU_PRIORS, tflops={**CPU_PRIORS.tflops, "bf16": CPU_PRIORS.tflops["fp16"]})
+
+
 @dataclass
 class Result:
     row: str
@@ -158,6 +181,21 @@ def _end_row(result: "Result", t_row: float, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, where ``platform.processor()`` is often empty), else what
+    ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass  # not Linux: platform below
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment() -> dict[str, Any]:
     """Device, versions, float32 switches, compile caches and date: every report carries where its numbers come
     from."""
@@ -167,6 +205,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "precision_at_start": precision.tf32_flags(),
@@ -531,6 +570,7 @@ class Plan:
     reference: Row = REFERENCE_ROW
     priors: Priors = CPU_PRIORS
     tail_calls: int = 200
+    whole_command_rounds: int = 0  # rounds of the README command, whole, per prior, before the rows (0: none)
 
     def jobs(self) -> tuple[Row, ...]:
         """Every row, with its size and batch, in the order it runs (the reference first)."""
@@ -582,20 +622,24 @@ CPU_VARIANTS = (Row("fp32 eager, channels_last", AccelConfig(channels_last=True)
 
 def plan_for(suite: str, *, upstream: bool = False, max_autotune: bool = False,
              channels_last: bool = False) -> Plan:
-    """``gpu``: the paper-size model (random weights, same cost); ``cpu``: the shipped small prior's config;
-    ``quick``: a seconds-long run of the same code (CI). With ``upstream``, the CPU suites switch to the tiny ADM
-    config (``TINY_ADM_ARGS``): the shipped prior's layout is one the official code cannot build."""
+    """``gpu``: the paper-size model (random weights, same cost); ``cpu``: the whole README command (both priors),
+    then rows with the small prior's config; ``quick``: a seconds-long run of the same rows' code (CI). With
+    ``upstream``, the CPU suites switch to the tiny ADM config (``TINY_ADM_ARGS``): the shipped prior's layout is one
+    the official code cannot build."""
     if suite == "gpu":
         return gpu_plan(max_autotune=max_autotune, channels_last=channels_last)
     config = UNetConfig.from_create_model_args(TINY_ADM_ARGS) if upstream else _small_config()
     if suite == "cpu":
-        return Plan(config, 10, (256, 256), 240.0, rows=CPU_ROWS, fast_sizes=((480, 640),), variants=CPU_VARIANTS)
+        # 330 s: the rows' ~200 s predicted from the CPU priors after the whole command's ~90 s (3 rounds of both
+        # priors, COMMAND_PRIOR_S), so that neither crowds the other out on the 2-core machine.
+        return Plan(config, 10, (256, 256), 330.0, rows=CPU_ROWS, fast_sizes=((480, 640),), variants=CPU_VARIANTS,
+                    priors=cpu_priors(), whole_command_rounds=3)
     if suite == "quick":
         quick_rows = (CPU_ROWS[0], CPU_ROWS[1],
                       Row("fp32 + compile (dynamo only)", AccelConfig(compile=True, compile_backend="eager"),
                           parent="fp32 eager"))
         return Plan(config, 2, (32, 32), 60.0, rows=quick_rows, variants=CPU_VARIANTS,
-                    priors=dataclasses.replace(CPU_PRIORS, compile_s=10.0))
+                    priors=dataclasses.replace(cpu_priors(), compile_s=10.0))
     raise ValueError(f"unknown suite {suite!r}; choose gpu, cpu or quick")
 
 
@@ -620,7 +664,7 @@ def dry_run_plan(plan: Plan, *, steps: int = 2) -> Plan:
         rows=tuple(cpu(r) for r in plan.rows), variants=tuple(cpu(r) for r in plan.variants),
         fast_sizes=tuple(_dry_size(s, multiple) for s in plan.fast_sizes),
         schedule=None if plan.schedule is None else tuple(cpu(r) for r in plan.schedule),
-        reference=cpu(plan.reference), priors=dataclasses.replace(CPU_PRIORS, compile_s=10.0), tail_calls=3)
+        reference=cpu(plan.reference), priors=dataclasses.replace(cpu_priors(), compile_s=10.0), tail_calls=3)
 
 
 # ----------------------------------------------------------------------------------------------- prediction
@@ -851,9 +895,223 @@ def format_row(r: Result) -> str:
     return line + "".join(f"\n    {e}" for e in extra)
 
 
+# ---------------------------------------------------------------------------------------------- whole command
+
+README_COMMAND = ("fuse", "--example", "-o")  # the README's first command, `ddfm-fast fuse --example -o fused.png`
+README_TARGET_S = 15.0  # the README command (640x480, default prior and steps), median wall, on the 2-core machine
+PREVIOUS_PRIOR = "ddfm-small"  # the prior shipped before ddfm-shrink, compared side by side
+# One run's seconds assumed before any is measured (the gate's prior, not a measurement): median wall 3.1 s with
+# the default prior and 19.4 s with ddfm-small on the 2-core development CPU (bench/results/prior_speed.md),
+# rounded up for a busier or slower machine.
+COMMAND_PRIOR_S = {"default": 5.0, "previous": 25.0}
+
+
+@dataclass(frozen=True)
+class CommandTiming:
+    """One run of a command to its end, timed from outside: ``wall_s`` by ``perf_counter`` from start to reaping;
+    ``user_s``, ``sys_s`` and ``maxrss_mb`` the child's own, from ``os.wait4`` (None where it does not exist)."""
+
+    wall_s: float
+    user_s: Optional[float]
+    sys_s: Optional[float]
+    maxrss_mb: Optional[float]
+    returncode: int
+    error: Optional[str] = None  # a failed run: how it ended and the last line of its stderr
+
+
+def time_command(argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None) -> CommandTiming:
+    """Run ``argv`` to its end (stdout discarded) and time it (see :class:`CommandTiming`).
+
+    stderr goes to a file, not a pipe: a pipe read only after the exit would block a child that writes more than
+    its buffer. Without ``os.wait4`` (Windows) user, system and RSS are None rather than guessed.
+    """
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), stdout=subprocess.DEVNULL,
+                                stderr=err)
+        user = system = rss = None
+        if hasattr(os, "wait4"):
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - t0
+            proc.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+            user, system = usage.ru_utime, usage.ru_stime
+            rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, else KiB
+        else:
+            code = proc.wait()
+            wall = time.perf_counter() - t0
+        error = None
+        if code:
+            err.seek(0)
+            lines = [line.strip() for line in err.read().decode(errors="replace").splitlines() if line.strip()]
+            how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            error = f"{how}: {lines[-1] if lines else '(nothing on stderr)'}"
+    return CommandTiming(wall, user, system, rss, code, error)
+
+
+@dataclass
+class CommandVariant:
+    """One command of the whole-command section and its runs; a failed variant keeps no time (only its error)."""
+
+    name: str
+    key: str  # "default" or "previous": its prior in COMMAND_PRIOR_S
+    argv: list[str]  # as run, with OUT.png standing for a fresh file per run in a temporary folder
+    command: str  # the same as a shell line
+    runs: list[dict[str, Optional[float]]] = field(default_factory=list)  # wall_s, user_s, sys_s, maxrss_mb, load
+    median: Optional[dict[str, Optional[float]]] = None  # wall_s, user_s, sys_s over the runs
+    status: str = "ok"  # ok or failed
+    error: Optional[str] = None
+
+    def fail(self, message: str) -> None:
+        self.status, self.error, self.runs, self.median = "failed", message[:500], [], None
+
+    def argv_for(self, out: Path) -> list[str]:
+        return [str(out) if a == "OUT.png" else a for a in self.argv]
+
+
+@dataclass
+class WholeCommand:
+    """The whole-command section of the cpu suite's report (see the module docstring)."""
+
+    rounds: int
+    variants: list[CommandVariant]
+    machine: dict[str, Any]  # CPU model, platform, threads, torch: what the numbers were measured on
+    target: dict[str, Any]  # the shape of :func:`targets`' entries
+    status: str = "running"  # ok, failed (a run failed), skipped (no round fit the budget); running until done
+    rounds_run: int = 0
+    skipped: Optional[str] = None  # why fewer than ``rounds`` rounds ran
+    ratio: Optional[dict[str, Optional[float]]] = None  # the previous prior's medians over the default's
+    what: str = ("the README's first command run whole (a fresh interpreter: imports, model load, sampling of the "
+                 "shipped 640x480 MSRS pair at each prior's default steps, writing), default prior against the "
+                 "previous one, interleaved round by round; medians over the rounds")
+
+
+def readme_commands(python: str = sys.executable) -> list[CommandVariant]:
+    """The README's command with the default prior and with the previous one, as this interpreter runs it."""
+    from ddfm_fast.config import DEFAULT_PRIOR
+
+    base = [python, "-m", "ddfm_fast", *README_COMMAND, "OUT.png"]
+    previous = [*base, "--checkpoint", PREVIOUS_PRIOR]
+    return [CommandVariant(f"default prior ({DEFAULT_PRIOR})", "default", base, shlex.join(base)),
+            CommandVariant(f"previous prior ({PREVIOUS_PRIOR})", "previous", previous, shlex.join(previous))]
+
+
+def _medians(runs: list[dict[str, Optional[float]]]) -> dict[str, Optional[float]]:
+    out: dict[str, Optional[float]] = {}
+    for m in ("wall_s", "user_s", "sys_s"):
+        values = [r[m] for r in runs if r[m] is not None]
+        out[m] = round(statistics.median(values), 3) if values else None
+    return out
+
+
+def run_whole_command(rounds: int, workdir: Path, *, budget_s: float = math.inf, start: Optional[float] = None,
+                      clock: Callable[[], float] = time.perf_counter, log: Callable[[str], None] = print,
+                      runner: Callable[[Sequence[str]], CommandTiming] = time_command,
+                      on_update: Optional[Callable[["WholeCommand"], None]] = None) -> WholeCommand:
+    """``rounds`` rounds of :func:`readme_commands`, each variant once per round, writing into ``workdir``.
+
+    Before each round its time is predicted (each variant's median wall so far, else ``COMMAND_PRIOR_S``); a round
+    predicted to end after ``budget_s`` of ``start`` is not run, nor those after it, and ``skipped`` says why.
+    A failed run fails its variant (its error kept, its times dropped, later rounds without it).
+    ``on_update(section)`` is called before the first run and after every run (the bench command rewrites its
+    report there, so a run stopped midway keeps what it measured).
+    """
+    start = clock() if start is None else start
+    variants = readme_commands()
+    section = WholeCommand(rounds, variants, machine={
+        "cpu_model": cpu_model(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__, "python": sys.executable,
+        "threads_note": "the commands inherit this process's environment, so torch picks the same thread count"},
+        target={"target": "README command, default prior, 640x480, median wall (s)", "value": None,
+                "bound": f"<= {README_TARGET_S:g}", "met": None})
+    if on_update is not None:
+        on_update(section)
+    for k in range(1, rounds + 1):
+        active = [v for v in variants if v.status == "ok"]
+        if not active:
+            break
+        predicted = sum(v.median["wall_s"] if v.median and v.median["wall_s"] else COMMAND_PRIOR_S[v.key]
+                        for v in active)
+        elapsed = clock() - start
+        if elapsed + predicted > budget_s:
+            how = "measured medians" if k > 1 else "prior"
+            section.skipped = (f"rounds {k}-{rounds} not run: round {k} predicted {predicted:.0f} s ({how}) would "
+                               f"end at {elapsed + predicted:.0f} s, past the {budget_s:.0f} s budget")
+            log(f"whole command: {section.skipped}")
+            break
+        for v in active:
+            slug = v.key + f"-{k}.png"
+            try:
+                t = runner(v.argv_for(workdir / slug))
+            except Exception as exc:  # noqa: BLE001 - a command that cannot start is reported like one that fails
+                t = CommandTiming(math.nan, None, None, None, -1, f"could not start: {type(exc).__name__}: {exc}")
+            if t.returncode:
+                v.fail(t.error or f"exit status {t.returncode}")
+                log(f"whole command, round {k}/{rounds}, {v.name}: FAILED: {v.error}")
+            else:
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                v.runs.append({"wall_s": round(t.wall_s, 3), "user_s": t.user_s, "sys_s": t.sys_s,
+                               "maxrss_mb": None if t.maxrss_mb is None else round(t.maxrss_mb, 1),
+                               "load_1min": None if load is None else round(load, 2)})
+                v.median = _medians(v.runs)
+                log(f"whole command, round {k}/{rounds}, {v.name}: wall {t.wall_s:.2f} s, user "
+                    f"{_fmt_s(t.user_s)}, sys {_fmt_s(t.sys_s)}" + ("" if load is None else f", load {load:.1f}"))
+            if on_update is not None:
+                on_update(section)
+        section.rounds_run = k
+    return _finish_whole_command(section)
+
+
+def _fmt_s(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds:.2f} s"
+
+
+def _finish_whole_command(section: WholeCommand) -> WholeCommand:
+    default, previous = section.variants
+    if any(v.status == "failed" for v in section.variants):
+        section.status = "failed"
+    elif section.rounds_run == 0:
+        section.status = "skipped"
+    else:
+        section.status = "ok"
+    if default.median and previous.median:
+        section.ratio = {m: (None if not default.median[m] or previous.median[m] is None
+                             else round(previous.median[m] / default.median[m], 2)) for m in default.median}
+    value = default.median["wall_s"] if default.median else None
+    section.target.update(value=value, met=None if value is None else value <= README_TARGET_S)
+    return section
+
+
+def format_whole_command(section: WholeCommand) -> str:
+    """The section as the bench command prints it: where it ran, one line per command, the ratio, the target."""
+    m = section.machine
+    lines = [f"whole command, {section.rounds_run} of {section.rounds} interleaved rounds on {m['cpu_model']} "
+             f"({m['threads']} threads, torch {m['torch']}):"]
+    for v in section.variants:
+        if v.status == "failed":
+            lines.append(f"  {v.name:<28} FAILED: {v.error}\n      {v.command}")
+        elif v.median is None:
+            lines.append(f"  {v.name:<28} not run\n      {v.command}")
+        else:
+            runs = ", ".join(f"{r['wall_s']:.2f}" for r in v.runs)
+            med = v.median
+            lines.append(f"  {v.name:<28} median wall {med['wall_s']:.2f} s, user {_fmt_s(med['user_s'])}, "
+                         f"sys {_fmt_s(med['sys_s'])} (wall of each run: {runs} s)\n      {v.command}")
+    if section.ratio is not None:
+        lines.append("  previous / default (medians): " + ", ".join(
+            f"{k[:-2]} x{r:.2f}" for k, r in section.ratio.items() if r is not None))
+    if section.skipped:
+        lines.append(f"  {section.skipped}")
+    t = section.target
+    state = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+    lines.append(f"  target {t['target']}: {t['value']} ({t['bound']}) {state}")
+    return "\n".join(lines)
+
+
 # Targets for the paper model on one H100 / H200, 100 steps (checked from the report, never from a unit test).
-def targets(results: list[Result]) -> list[dict[str, Any]]:
-    """Each target with its value from ``results`` (None when its row did not run) and whether it was met."""
+def targets(results: list[Result], whole_command: Optional[WholeCommand] = None) -> list[dict[str, Any]]:
+    """Each target with its value from ``results`` (None when its row did not run) and whether it was met; with
+    ``whole_command``, its README-command target last."""
     def find(name: str, size: str, batch: int = 1, kind: str = SAMPLE) -> Optional[Result]:
         for r in results:
             if (r.row, r.size, r.batch, r.kind) == (name, size, batch, kind) and r.status == "ok":
@@ -878,6 +1136,8 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
                                           value < bound)
         out.append({"target": name, "value": None if value is None else round(float(value), 3), "bound": f"{op} {bound:g}",
                     "met": met})
+    if whole_command is not None:
+        out.append(dict(whole_command.target))
     return out
 
 

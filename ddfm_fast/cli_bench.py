@@ -4,6 +4,8 @@ The gpu suite is built to run on a bare GPU machine that received only a copy of
 from ``--reference`` (or ``$DDFM_REFERENCE``, ``../shared/reference``, ``.gpu-reference/``; see
 ``ddfm_fast.gpu_check``), every test is listed with its outcome, the rows run in priority order under a
 predicted-time gate (``ddfm_fast.benchmarks``), and the report is rewritten after the tests and after every row.
+The cpu suite first runs the README's command whole with the default and the previous prior (its
+``whole_command`` section, ``benchmarks.run_whole_command``), then its rows.
 ``--dry-run`` runs the same plan on this machine's CPU with a tiny model (and only collects the tests), to check
 the whole flow before a GPU is spent on it.
 """
@@ -12,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -35,40 +37,25 @@ def _run_gpu_tests(log, timeout_s: float, reference=None, collect_only: bool = F
     return gpu_check.run_tests(log, timeout_s=timeout_s, reference=lookup, collect_only=collect_only)
 
 
-def _whole_command_seconds(log, repeats: int = 3) -> dict:
-    """``ddfm-fast fuse IR VIS -o OUT`` with the default prior on a 640x480 pair, as a user runs it (median of 3).
-
-    Uses MSRS 00004N from ``../shared/data`` beside the checkout when present, else a synthetic 640x480 pair.
-    """
-    import statistics
+def _run_whole_command(plan, started: float, progress: dict, save, log) -> None:
+    """The cpu suite's whole-command section, in a temporary folder, under the suite's budget; the report is
+    rewritten after every run of it."""
     import tempfile
 
-    import numpy as np
-    from PIL import Image
+    from ddfm_fast import benchmarks
 
-    repo = _repo()
-    shared = Path(os.environ.get("DDFM_SHARED", repo.parent / "shared" if repo else "shared"))
-    ir, vis = shared / "data/ivf/MSRS/ir/00004N.png", shared / "data/ivf/MSRS/vi/00004N.png"
-    with tempfile.TemporaryDirectory() as tmp:
-        if not (ir.is_file() and vis.is_file()):
-            rng = np.random.default_rng(0)
-            yy, xx = np.mgrid[0:480, 0:640]
-            base = (127 + 100 * np.sin(xx / 40.0) * np.cos(yy / 30.0)).astype(np.float64)
-            ir, vis = Path(tmp) / "ir.png", Path(tmp) / "vis.png"
-            Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)).save(ir)
-            Image.fromarray(np.clip(255 - base, 0, 255).astype(np.uint8)).save(vis)
-        cmd = [sys.executable, "-m", "ddfm_fast", "fuse", str(ir), str(vis), "-o", str(Path(tmp) / "out.png")]
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            times.append(time.perf_counter() - t0)
-            if proc.returncode != 0:
-                return {"error": proc.stderr.strip()[-500:], "command": " ".join(cmd)}
-    result = {"pair": f"{ir.name} / {vis.name}", "size": "640x480", "runs_s": [round(t, 2) for t in times],
-              "median_s": round(statistics.median(times), 2), "command": "ddfm-fast fuse IR VIS -o OUT"}
-    log(f"whole command (default prior, 640x480): median {result['median_s']} s of {result['runs_s']}")
-    return result
+    def on_update(section) -> None:
+        progress["whole_command"] = section
+        save([], list(plan.jobs()), False)
+
+    log(f"whole command: {plan.whole_command_rounds} interleaved rounds of the README command, default prior and "
+        f"--checkpoint {benchmarks.PREVIOUS_PRIOR}")
+    progress["running"] = "the whole command"
+    with tempfile.TemporaryDirectory(prefix="ddfm-bench-") as tmp:
+        progress["whole_command"] = benchmarks.run_whole_command(
+            plan.whole_command_rounds, Path(tmp), budget_s=plan.budget_s, start=started, log=log,
+            on_update=on_update)
+    progress["running"] = None
 
 
 def _print_forecast(log, rows: list[dict], budget_s: float, tests_s: float) -> None:
@@ -85,14 +72,13 @@ def _arm_hard_limit(limit_s: float, started: float, progress: dict, save, log):
     A row cannot be interrupted safely from inside (a compile, a CUDA call), so a watchdog thread writes the
     report with what was measured and ends the process; its subprocesses (inductor's compile workers) end with it.
     """
-    import threading
 
     def stop() -> None:
         results, pending = progress["results"], progress["pending"]
         log(f"ddfm-fast bench: the hard limit of {limit_s:g} s is reached; writing the report and stopping"
             + (f" (running: {progress.get('running') or pending[0].name})" if pending else ""))
         running = progress.get("running") or (pending[0].name if pending else None)
-        save(results, pending, False, stopped_at_hard_limit_s=limit_s, stopped_while=running,
+        save(results, pending, False, last=True, stopped_at_hard_limit_s=limit_s, stopped_while=running,
              stopped=None if progress.get("running") else f"stopped: the hard limit of {limit_s:g} s came while "
                                                            "this row ran")
         sys.stderr.flush()
@@ -107,8 +93,9 @@ def _arm_hard_limit(limit_s: float, started: float, progress: dict, save, log):
 @click.command("bench")
 @click.option("--suite", type=click.Choice(["gpu", "cpu", "quick"]), default="gpu", show_default=True,
               help="gpu: the GPU correctness tests, then the rows with the paper-size model (needs CUDA; ends "
-                   "within 9 minutes on an H100/H200); cpu: rows with the shipped prior's config on this CPU, and "
-                   "the whole `ddfm-fast fuse` command on a 640x480 pair (median of 3); quick: a seconds-long check.")
+                   "within 9 minutes on an H100/H200); cpu: the README's command whole (`ddfm-fast fuse --example`, "
+                   "default prior and --checkpoint ddfm-small, 3 interleaved rounds, medians), then rows with the "
+                   "small prior's config on this CPU (about 5 minutes on 2 cores); quick: a seconds-long check.")
 @click.option("-o", "--out", type=click.Path(path_type=Path),
               help="JSON report (default: bench/results/<suite>-<date>.json in a checkout, else ./).")
 @click.option("--reference", type=click.Path(path_type=Path), metavar="DIR",
@@ -202,29 +189,42 @@ def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dr
     tests: dict = {"ran": False, "reason": ("running" if run_tests else
                                             "not the gpu suite" if suite != "gpu" else "--no-tests")}
     jobs = plan.jobs()
+    progress: dict = {"results": [], "pending": list(jobs), "whole_command": None, "last": None}
+    saving = threading.Lock()
 
-    def save(results: list, pending: list, complete: bool, *, stopped: Optional[str] = None,
+    def save(results: list, pending: list, complete: bool, *, stopped: Optional[str] = None, last: bool = False,
              **extra: object) -> dict:
         # Rewritten (atomically) after the tests and after every row: a run stopped by a time limit keeps its
         # measurements, marked "complete": false, and lists the rows it had not reached. ``stopped`` says why the
-        # first pending row (the one running) did not finish.
+        # first pending row (the one running) did not finish. The hard limit's report is the ``last``: the main
+        # thread, still running a row, must not replace it in the moment before the process ends.
+        with saving:
+            if progress["last"] is not None:
+                return progress["last"]
+            payload = _payload(results, pending, complete, stopped, extra)
+            benchmarks.write_report(out, payload)
+            if last:
+                progress["last"] = payload
+            return payload
+
+    def _payload(results: list, pending: list, complete: bool, stopped: Optional[str], extra: dict) -> dict:
         not_run = [{"row": r.row, "size": r.size, "batch": r.batch, "why": r.skipped}
                    for r in results if r.status == "skipped"]
         not_run += [{"row": r.name, "size": "x".join(map(str, r.size)), "batch": r.batch,
                      "why": stopped if i == 0 and stopped else "not reached: the command stopped before this row"}
                     for i, r in enumerate(pending)]
+        section = progress["whole_command"]
+        if plan.whole_command_rounds:  # null until it starts; "status": "running" in a report stopped during it
+            extra.setdefault("whole_command", None if section is None else dataclasses.asdict(section))
         payload = benchmarks.results_payload(
             results, suite=suite, dry_run=dry_run, command=" ".join(["ddfm-fast", *sys.argv[1:]]), steps=plan.steps,
             budget_s=plan.budget_s, tests=tests, complete=complete,
             total_seconds=round(time.perf_counter() - started, 1), model=plan.config.to_dict(),
             upstream=None if upstream is None else str(upstream), not_run=not_run,
-            targets=benchmarks.targets(results),
+            targets=benchmarks.targets(results, section),
             precision_policy="TF32 off (true fp32) in every row and test except rows marked tf32",
             forecast=forecast, **extra)
-        benchmarks.write_report(out, payload)
         return payload
-
-    progress: dict = {"results": [], "pending": list(jobs)}
 
     def on_result(so_far: list, pending: list) -> None:
         progress.update(results=list(so_far), pending=list(pending))
@@ -240,10 +240,11 @@ def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dr
             tests = _run_gpu_tests(log, tests_timeout_s, lookup, collect_only=dry_run)
             progress["running"] = None
             save([], list(jobs), False)
+        if plan.whole_command_rounds:
+            _run_whole_command(plan, started, progress, save, log)
         # The budget counts from the command's start, tests included.
         results = benchmarks.run_plan(plan, dev, log=log, upstream=upstream, start=started, on_result=on_result)
-        extra = {"whole_command": _whole_command_seconds(log)} if suite == "cpu" else {}
-        payload = save(results, [], True, **extra)
+        payload = save(results, [], True)
     finally:
         if watchdog is not None:  # the command is over (or failed): the watchdog must not fire later
             watchdog.cancel()
@@ -257,9 +258,15 @@ def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dr
         for t in payload["targets"]:
             state = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
             log(f"target {t['target']}: {t['value']} ({t['bound']}) {state}")
+    section = progress["whole_command"]
+    if section is not None:
+        log(benchmarks.format_whole_command(section))
+    command_failed = section is not None and section.status == "failed"
     tests_failed = run_tests and not tests.get("ok", False)
     ok = len(results) - len(failed) - len(skipped)
     log(f"report: {out} ({payload['total_seconds']} s; {ok} rows ok, {len(failed)} failed, {len(skipped)} not run; "
-        f"tests {'FAILED' if tests_failed else 'ok' if run_tests else 'not run'})")
-    if tests_failed or failed:
+        f"tests {'FAILED' if tests_failed else 'ok' if run_tests else 'not run'}"
+        + ("" if section is None else f"; whole command {'FAILED' if command_failed else section.status}")
+        + ")")
+    if tests_failed or failed or command_failed:
         raise SystemExit(1)

@@ -41,6 +41,7 @@ def test_quick_suite_writes_a_report(tmp_path):
     # channels_last reorders the convolutions' accumulation at most: 8-bit output equal or nearly so.
     assert rows["fp32 eager, channels_last"]["psnr_vs_fp32_db"] > 60
     assert all(r["speedup_vs_upstream"] is None for r in rows.values()) and report["upstream"] is None
+    assert "whole_command" not in report  # the cpu suite's section: CI does not spend a minute on it
 
 
 def test_gpu_suite_needs_cuda(tmp_path):
@@ -296,3 +297,149 @@ def test_the_hard_limit_writes_the_report_and_stops_the_command(tmp_path):
     report = json.loads(out.read_text())
     assert report["complete"] is False and report["stopped_at_hard_limit_s"] == 1
     assert len(report["rows"]) + len(report["not_run"]) >= len(benchmarks.plan_for("quick").jobs())
+
+
+# ------------------------------------------------------------------------------------ the whole-command section
+
+
+def test_time_command_reads_the_childs_usage_and_a_failures_last_stderr_line():
+    """Times come from outside the child; a failure keeps its last stderr line (after 200 kB of stderr: written to
+    a file, so a child that writes more than a pipe's buffer is not blocked)."""
+    import sys
+
+    ok = benchmarks.time_command([sys.executable, "-c", "sum(range(10**6))"])
+    assert ok.returncode == 0 and ok.error is None and ok.wall_s > 0
+    assert ok.user_s is not None and ok.sys_s is not None and ok.maxrss_mb > 1  # Linux: os.wait4 is there
+    script = "import sys; sys.stderr.write('x' * 200_000 + '\\nTraceback\\nImageReadError: a.png: not an image\\n'); " \
+             "sys.exit(3)"
+    bad = benchmarks.time_command([sys.executable, "-c", script])
+    assert bad.returncode == 3 and bad.error == "exit status 3: ImageReadError: a.png: not an image"
+
+
+def _fake_commands(walls: dict[str, list[float]], fail: dict[str, int] | None = None,
+                   clock: list[float] | None = None):
+    """A stand-in for time_command: each prior's runs take the next of its ``walls`` (of a fake clock, if given);
+    ``fail[key] = n``: that prior's n-th run exits 1."""
+    calls: list[list[str]] = []
+    counts = {"default": 0, "previous": 0}
+
+    def runner(argv):
+        key = "previous" if "--checkpoint" in argv else "default"
+        calls.append(list(argv))
+        counts[key] += 1
+        n = counts[key]
+        if (fail or {}).get(key) == n:
+            return benchmarks.CommandTiming(1.0, 0.5, 0.1, 100.0, 1, "exit status 1: CheckpointError: bad file")
+        wall = walls[key][n - 1]
+        if clock is not None:
+            clock[0] += wall
+        return benchmarks.CommandTiming(wall, wall * 1.5, wall / 10, 300.0, 0)
+
+    return runner, calls
+
+
+def test_whole_command_interleaves_the_two_priors_and_reports_medians_ratio_and_target(tmp_path):
+    import sys
+
+    runner, calls = _fake_commands({"default": [4.0, 2.0, 3.0], "previous": [12.0, 30.0, 10.0]})
+    section = benchmarks.run_whole_command(3, tmp_path, log=lambda _: None, runner=runner)
+    assert section.status == "ok" and section.rounds_run == 3 and section.skipped is None
+    # Round by round, the default prior first; the README's command as this interpreter runs it.
+    assert ["--checkpoint" in c for c in calls] == [False, True] * 3
+    readme = [sys.executable, "-m", "ddfm_fast", "fuse", "--example", "-o"]
+    assert all(c[:6] == readme and c[6].endswith(".png") and c[6].startswith(str(tmp_path)) for c in calls)
+    assert calls[1][7:] == ["--checkpoint", "ddfm-small"] and len(calls[0]) == 7
+    assert len({c[6] for c in calls}) == 6  # a fresh output file per run
+    default, previous = section.variants
+    assert default.name == "default prior (ddfm-shrink)" and previous.name == "previous prior (ddfm-small)"
+    assert default.command.endswith("-m ddfm_fast fuse --example -o OUT.png")
+    assert default.median == {"wall_s": 3.0, "user_s": 4.5, "sys_s": 0.3}
+    assert previous.median["wall_s"] == 12.0 and section.ratio["wall_s"] == 4.0
+    assert [r["wall_s"] for r in default.runs] == [4.0, 2.0, 3.0]
+    assert section.target == {"target": "README command, default prior, 640x480, median wall (s)", "value": 3.0,
+                              "bound": "<= 15", "met": True}
+    assert set(section.machine) >= {"cpu_model", "platform", "threads", "torch"}
+    assert section.machine["torch"] == torch.__version__ and section.machine["cpu_model"]
+    assert benchmarks.targets([], section)[-1] == section.target
+    json.dumps(dataclasses.asdict(section))  # what the report holds
+    text = benchmarks.format_whole_command(section)
+    assert "3 of 3 interleaved rounds" in text and default.command in text and previous.command in text
+    assert "median wall 3.00 s" in text and "previous / default (medians): wall x4.00" in text
+    assert "(<= 15) met" in text
+
+
+def test_a_failed_run_is_reported_with_its_error_and_no_time(tmp_path):
+    runner, calls = _fake_commands({"default": [20.0] * 3, "previous": [33.0] * 3}, fail={"previous": 2})
+    section = benchmarks.run_whole_command(3, tmp_path, log=lambda _: None, runner=runner)
+    default, previous = section.variants
+    assert section.status == "failed" and section.ratio is None
+    assert previous.status == "failed" and previous.error == "exit status 1: CheckpointError: bad file"
+    assert previous.runs == [] and previous.median is None  # its first, successful run is not reported either
+    assert ["--checkpoint" in c for c in calls] == [False, True, False, True, False]  # not run again once failed
+    assert default.median["wall_s"] == 20.0 and section.target["met"] is False
+    text = benchmarks.format_whole_command(section)
+    [line] = [line for line in text.splitlines() if line.strip().startswith("previous prior (ddfm-small)")]
+    assert line.endswith(" FAILED: exit status 1: CheckpointError: bad file")
+    assert "33.00" not in text and "49.50" not in text and "(<= 15) MISSED" in text
+
+
+def test_whole_command_rounds_are_gated_by_the_budget(tmp_path):
+    """Round 1 is predicted from COMMAND_PRIOR_S (5 + 25 s), round 2 from round 1's walls (6 + 40 s)."""
+    clock = [0.0]
+    runner, calls = _fake_commands({"default": [6.0] * 3, "previous": [40.0] * 3}, clock=clock)
+    section = benchmarks.run_whole_command(3, tmp_path, budget_s=80.0, start=0.0, clock=lambda: clock[0],
+                                           log=lambda _: None, runner=runner)
+    assert section.status == "ok" and section.rounds_run == 1 and len(calls) == 2
+    assert section.skipped == "rounds 2-3 not run: round 2 predicted 46 s (measured medians) would end at 92 s, " \
+                              "past the 80 s budget"
+    none = benchmarks.run_whole_command(3, tmp_path, budget_s=29.0, log=lambda _: None, runner=runner)
+    assert none.status == "skipped" and none.rounds_run == 0 and none.target["value"] is None
+    assert none.skipped.startswith("rounds 1-3 not run: round 1 predicted 30 s (prior)") and len(calls) == 2
+    assert "(<= 15) not measured" in benchmarks.format_whole_command(none)
+
+
+def test_only_the_cpu_suite_runs_the_whole_command():
+    assert benchmarks.plan_for("cpu").whole_command_rounds == 3
+    assert benchmarks.plan_for("quick").whole_command_rounds == 0 and benchmarks.GPU_PLAN.whole_command_rounds == 0
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_bench_command_reports_the_whole_command_section(tmp_path, monkeypatch, fails):
+    """The section in the report and the printed summary, its target among the targets, a failure in the exit
+    code: the quick plan with two rounds of the section, rows and commands replaced by stand-ins."""
+    import functools
+
+    runner, _ = _fake_commands({"default": [3.0, 5.0], "previous": [20.0, 22.0]}, fail={"previous": 1} if fails else {})
+    monkeypatch.setattr(benchmarks, "run_whole_command",
+                        functools.partial(benchmarks.run_whole_command, runner=runner))
+    quick = benchmarks.plan_for("quick")
+    monkeypatch.setattr(benchmarks, "plan_for", lambda *a, **k: dataclasses.replace(quick, whole_command_rounds=2))
+    _fake_runs(monkeypatch, 0.0, [0.0])
+    out = tmp_path / "w.json"
+    res = CliRunner().invoke(main, ["bench", "--suite", "quick", "-o", str(out)])
+    report = json.loads(out.read_text())
+    section = report["whole_command"]
+    assert report["complete"] is True and section["rounds_run"] == 2
+    assert report["targets"][-1] == section["target"]
+    assert "whole command, 2 of 2 interleaved rounds" in res.output
+    if fails:
+        assert res.exit_code == 1 and section["status"] == "failed"
+        assert section["variants"][1]["error"] == "exit status 1: CheckpointError: bad file"
+        assert "whole command FAILED" in res.output
+    else:
+        assert res.exit_code == 0, res.output
+        assert section["status"] == "ok" and section["target"]["value"] == 4.0 and section["ratio"]["wall_s"] == 5.25
+        assert "whole command ok" in res.output
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_cpu_gate_predicts_emulated_bf16_at_the_emulated_rate(monkeypatch, native):
+    """Without AVX512-BF16 / AMX the bf16 rows run emulated, as slowly as fp16: predicting them at the native rate
+    let a 525 s row into a 330 s budget."""
+    import ddfm_fast.plan
+
+    monkeypatch.setattr(ddfm_fast.plan, "cpu_has_native_bf16", lambda: native)
+    rates = benchmarks.plan_for("cpu").priors.tflops
+    assert rates["bf16"] == (benchmarks.CPU_PRIORS.tflops["bf16"] if native else benchmarks.CPU_PRIORS.tflops["fp16"])
+    assert rates["fp32"] == benchmarks.CPU_PRIORS.tflops["fp32"]
+    assert benchmarks.plan_for("quick").priors.tflops["bf16"] == rates["bf16"]
