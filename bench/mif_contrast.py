@@ -74,8 +74,8 @@ def _markdown(r: dict) -> str:
         "# The shrinkage prior's contrast on the MIF dev sets (a diagnostic; nothing is chosen here)", "",
         f"Generated {r['generated']} by `{r['command']}` ({r['machine']}), {r['steps']} steps, the quality report's "
         f"pairs (first {r.get('pairs', 5)} of each set by name, longer side <= {r['max_side']} px). The shipped "
-        f"contrast is {r['shipped_contrast']:g}, chosen on training-pool pairs by `bench/shrinkage_fit.py`. A count is the number "
-        "of the six paper metrics below EM only on the same pairs (the medical guard: at most 2).", "",
+        f"contrast is {r['shipped_contrast']:g}, chosen on training-pool pairs by `bench/shrinkage_fit.py`. A count "
+        "is the number of the six paper metrics below EM only on the same pairs (the medical guard: at most 2).", "",
         "| set | method | " + " | ".join(KEYS) + " | worse than EM only |",
         "| --- | --- | " + " | ".join("---" for _ in KEYS) + " | --- |",
     ]

@@ -130,15 +130,19 @@ CPU_PRIORS = Priors(tflops={"fp32": 0.02, "tf32": 0.02, "fp16": 0.002, "bf16": 0
                     compile_s=60.0, tail_s=5.0, overhead_s=1.0)
 
 
+# bf16 without AVX512-BF16 / AMX: emulated, about 100x slower than fp32 (the cpu suite's 256x256 bf16 row took 525 s
+# against 2.5 s for fp32 on a 2-core AVX2 EPYC, while the machine was shared), slower still than emulated fp16.
+EMULATED_BF16_TFLOPS = CPU_PRIORS.tflops["fp32"] / 100
+
+
 def cpu_priors() -> Priors:
-    """:data:`CPU_PRIORS` for this CPU: without native bf16 (AVX512-BF16 or AMX) bf16 is emulated, as slow as fp16
-    (a 480x640 bf16 row of the cpu suite took 525 s on a 2-core AVX2 EPYC, about what the fp16 rate predicts), so the
-    gate skips what would not fit instead of predicting it from the native rate."""
+    """:data:`CPU_PRIORS` for this CPU: without native bf16 bf16 is emulated (:data:`EMULATED_BF16_TFLOPS`), so the
+    gate skips a bf16 row that would not fit instead of predicting it from the native rate."""
     from ddfm_fast.plan import cpu_has_native_bf16
 
     if cpu_has_native_bf16():
         return CPU_PRIORS
-    return dataclasses.replace(CPU_PRIORS, tflops={**CPU_PRIORS.tflops, "bf16": CPU_PRIORS.tflops["fp16"]})
+    return dataclasses.replace(CPU_PRIORS, tflops={**CPU_PRIORS.tflops, "bf16": EMULATED_BF16_TFLOPS})
 
 
 @dataclass
@@ -929,16 +933,20 @@ def time_command(argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), stdout=subprocess.DEVNULL,
                                 stderr=err)
+        _RUNNING.add(proc)
         user = system = rss = None
-        if hasattr(os, "wait4"):
-            _, status, usage = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - t0
-            proc.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-            user, system = usage.ru_utime, usage.ru_stime
-            rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, else KiB
-        else:
-            code = proc.wait()
-            wall = time.perf_counter() - t0
+        try:
+            if hasattr(os, "wait4"):
+                _, status, usage = os.wait4(proc.pid, 0)
+                wall = time.perf_counter() - t0
+                proc.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+                user, system = usage.ru_utime, usage.ru_stime
+                rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, else KiB
+            else:
+                code = proc.wait()
+                wall = time.perf_counter() - t0
+        finally:
+            _RUNNING.discard(proc)
         error = None
         if code:
             err.seek(0)
@@ -946,6 +954,20 @@ def time_command(argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None
             how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             error = f"{how}: {lines[-1] if lines else '(nothing on stderr)'}"
     return CommandTiming(wall, user, system, rss, code, error)
+
+
+# Commands time_command is running: the bench command's hard limit ends the process with os._exit, which would leave
+# them running (a fuse of a minute or more) after the report says the command stopped.
+_RUNNING: set[subprocess.Popen] = set()
+
+
+def kill_commands() -> None:
+    """Kill every command :func:`time_command` is running (the hard limit's last act before the process ends)."""
+    for proc in list(_RUNNING):
+        try:
+            proc.kill()
+        except OSError:
+            pass  # it ended meanwhile
 
 
 @dataclass

@@ -81,6 +81,9 @@ def _arm_hard_limit(limit_s: float, started: float, progress: dict, save, log):
         save(results, pending, False, last=True, stopped_at_hard_limit_s=limit_s, stopped_while=running,
              stopped=None if progress.get("running") else f"stopped: the hard limit of {limit_s:g} s came while "
                                                            "this row ran")
+        from ddfm_fast import benchmarks
+
+        benchmarks.kill_commands()  # a README command being timed must not outlive the bench command
         sys.stderr.flush()
         os._exit(124)
 

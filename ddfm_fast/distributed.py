@@ -315,6 +315,9 @@ class RankCoordinator:
     def shard(self, todo: list[Any]) -> list[Any]:
         return plan_shards(self.ctx, todo, keys=lambda pr: pr.stem, cost=self.cost)
 
+    def gather(self, obj: Any) -> Optional[list[Any]]:
+        return self.ctx.gather(obj)
+
 
 def merge_summaries(parts: Sequence[tuple[Any, dict[str, Any]]], plan: Optional[dict[str, Any]] = None,
                     backend: str = "gloo") -> dict[str, Any]:

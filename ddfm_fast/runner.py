@@ -123,8 +123,9 @@ class RunConfig:
             ``"vis"`` (the other way), with Pillow's LANCZOS filter.
         checkpoint, model_config: the model's identity as given (a path or a preset name; ``None`` is the shipped
             prior, or no model for ``prior="none"``). The caller loads the model; these name it in the summary.
-        model_digest: what the loaded model computes (:func:`ddfm_fast.resume.model_digest`), filled in by
-            :meth:`for_model`: a name says where a model came from, this says which model it is.
+        model_digest: what the loaded model computes (:func:`ddfm_fast.resume.model_digest`), filled in by a
+            folder run (:meth:`for_model` with ``digest=True``): a name says where a model came from, this says
+            which model it is.
         batch_size: how many pairs of one model size are fused at once (one EM tau per image, so outputs equal
             the single runs up to float rounding: it is not part of :func:`output_identity`).
     """
@@ -167,14 +168,17 @@ class RunConfig:
         """The output file suffix of a folder run: ``.png``, ``.tif``, ``.jpg``, ``.bmp`` or ``.npy``."""
         return outputs.FORMATS[self.file_format]  # type: ignore[index]
 
-    def for_model(self, model: Optional[nn.Module]) -> "RunConfig":
-        """This run with the sampler's ``steps`` filled in from ``model`` (its ``default_steps``) when unset, and
-        ``model_digest`` from ``model`` (``None`` for EM only, which uses no model)."""
+    def for_model(self, model: Optional[nn.Module], *, digest: bool = False) -> "RunConfig":
+        """This run with the sampler's ``steps`` filled in from ``model`` (its ``default_steps``) when unset; with
+        ``digest``, also ``model_digest`` from ``model`` (``None`` for EM only, which uses no model). The digest
+        reads every weight once (a folder run's resume needs it; nothing else does)."""
         sampler = self.sampler.for_model(getattr(model, "default_steps", None))
-        digest = None if model is None or self.sampler.prior == "none" else resume.model_digest(model)
-        if sampler == self.sampler and digest == self.model_digest:
+        model_digest = self.model_digest
+        if digest:
+            model_digest = None if model is None or self.sampler.prior == "none" else resume.model_digest(model)
+        if sampler == self.sampler and model_digest == self.model_digest:
             return self
-        return dataclasses.replace(self, sampler=sampler, model_digest=digest)
+        return dataclasses.replace(self, sampler=sampler, model_digest=model_digest)
 
     def to_dict(self) -> dict[str, Any]:
         """``{"sampler": ..., "accel": ..., "run": ...}``: every field, JSON-able; model names made absolute."""
@@ -361,6 +365,11 @@ class SingleResult:
     plan: Optional[ExecutionPlan]
 
 
+def _check_progress(progress_dir: Optional[Path], run: RunConfig) -> None:
+    if progress_dir is not None and run.sampler.prior == "none":
+        raise InputError("per-step progress images show the diffusion steps; EM only (prior='none') has none")
+
+
 def run_single(model: Optional[nn.Module], pair: Pair, dest: Path, run: RunConfig, *, device: torch.device,
                progress_dir: Optional[Path] = None, step_bar: Optional[BarFactory] = None) -> SingleResult:
     """Fuse one pair into ``dest`` (replacing it, atomically); optionally its per-step images in ``progress_dir``.
@@ -373,6 +382,7 @@ def run_single(model: Optional[nn.Module], pair: Pair, dest: Path, run: RunConfi
     fmt = outputs.format_of(dest)
     if fmt != run.file_format:
         raise ValueError(f"{dest}: the extension asks for {fmt} but the run writes {run.file_format}")
+    _check_progress(progress_dir, run)
     t = time.perf_counter()
     run = run.for_model(model)
     item = read_pair(pair, run)
@@ -461,8 +471,12 @@ def plan_resume(pairs: Iterable[Pair], out_dir: Path, run: RunConfig, identity: 
         changes: list[str] = []
         for rec in stale:
             before = records.identities.get(str(rec.get("settings")))
-            found = (resume.settings_changes(before, identity) if before is not None
-                     else [f"settings digest {rec.get('settings')!r} -> {digest!r}"])
+            if before is not None and "model_digest" not in before and identity.get("model_digest") is not None:
+                found = ["made by a version of ddfm-fast that did not record which model (weights) made them, so "
+                         "they cannot be checked against this model"]
+            else:
+                found = (resume.settings_changes(before, identity) if before is not None
+                         else [f"settings digest {rec.get('settings')!r} -> {digest!r}"])
             changes += [c for c in found if c not in changes]
         raise StaleOutputsError(f"{out_dir} holds {len(stale)} output(s) made with other settings "
                                 f"({'; '.join(changes)}); {REDO_HINT}")
@@ -496,6 +510,9 @@ class Coordinator(Protocol):
     def shard(self, todo: list[Pair]) -> list[Pair]:
         """This process's share of the pending pairs."""
 
+    def gather(self, obj: Any) -> Optional[list[Any]]:
+        """Every process's ``obj`` in rank order on the main process; ``None`` on the others."""
+
 
 class Alone:
     """The coordinator of a single-process run."""
@@ -509,6 +526,9 @@ class Alone:
 
     def shard(self, todo: list[Pair]) -> list[Pair]:
         return todo
+
+    def gather(self, obj: Any) -> Optional[list[Any]]:
+        return [obj]
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -690,8 +710,9 @@ def run_folder(
         raise InputError(
             f"per-step progress images are written for one pair only, but the folders hold {len(pairing.pairs)} pairs"
         )
+    _check_progress(progress_dir, run)
     t0 = time.perf_counter()
-    run = run.for_model(model)
+    run = run.for_model(model, digest=True)
     if plan is None and run.sampler.prior != "none":
         from ddfm_fast.plan import plan as make_plan
 
@@ -703,8 +724,14 @@ def run_folder(
     records = resume.FolderRecords()
     removed: list[str] = []
     error: Optional[BaseException] = None
+    identities = coord.gather(identity)  # every rank's, on the main one: they must all fuse alike
     if coord.is_main:
         try:
+            for rank, other in enumerate(identities or []):
+                if other != identity:
+                    raise InputError(f"rank {rank} would fuse with other settings than rank 0 "
+                                     f"({'; '.join(resume.settings_changes(identity, other))}): every rank must "
+                                     "load the same model file and options")
             problem = outputs.output_problem(out_dir, folder=True)
             if problem:
                 raise InputError(f"output folder {problem}")

@@ -135,7 +135,6 @@ def test_em_only_calls_the_step_callback_once_an_iteration(pair):
 
     np.testing.assert_array_equal(postprocess_em_only(last[:, :1, :64, :96]), res.fused)
 
-
     class Stop(Exception):
         pass
 

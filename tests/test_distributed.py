@@ -27,7 +27,7 @@ from PIL import Image
 
 import imagefiles
 from ddfm_fast import distributed, resume
-from ddfm_fast.pairing import Pair, pair_sources
+from ddfm_fast.pairing import InputError, Pair, pair_sources
 from ddfm_fast.config import SamplerConfig
 from ddfm_fast.runner import RunConfig, run_folder
 from ddfm_fast.summary import SUMMARY_NAME, RunSummary
@@ -116,6 +116,16 @@ class _Shard:
         self.seen.append([p.stem for p in todo])
         return []
 
+    def gather(self, obj):
+        return [obj, obj]  # the other rank computes the same identity
+
+
+class _OtherModel(_Shard):
+    """Rank 1 would fuse with another model under the same checkpoint name (another file at that path)."""
+
+    def gather(self, obj):
+        return [obj, {**obj, "model_digest": "0123456789abcdef"}]
+
 
 def test_run_folder_shards_only_pending_pairs(tmp_path: Path) -> None:
     """Resume happens before sharding: the shard hook never sees a pair whose output is verified, and a kill's
@@ -144,6 +154,20 @@ def test_run_folder_shards_only_pending_pairs(tmp_path: Path) -> None:
     for world in (1, 2, 3, 5):
         shards = distributed.lpt_shards(["x", "z"], [64, 64], world)
         assert sorted(i for s in shards for i in s) == [0, 1]
+
+
+def test_ranks_that_would_fuse_differently_stop_the_run_before_anything_is_written(tmp_path: Path) -> None:
+    ir_dir, vis_dir, out = tmp_path / "ir", tmp_path / "vis", tmp_path / "out"
+    for folder in (ir_dir, vis_dir, out):
+        folder.mkdir()
+    Image.new("L", (8, 8)).save(ir_dir / "x.png")
+    Image.new("L", (8, 8)).save(vis_dir / "x.png")
+    run = RunConfig(sampler=SamplerConfig(prior="none", steps=1))
+    with pytest.raises(InputError, match=r"^rank 1 would fuse with other settings than rank 0 \(model_digest None -> "
+                                         r"'0123456789abcdef'\): every rank must load the same model file"):
+        run_folder(None, pair_sources(ir_dir, vis_dir), out, run, device=torch.device("cpu"),
+                   coordinator=_OtherModel(), write_summary=False)
+    assert sorted(p.name for p in out.iterdir()) == []  # no output, no journal, the lock released
 
 
 def test_merge_summaries() -> None:

@@ -152,9 +152,10 @@ def test_another_model_under_the_same_name_is_not_trusted(tmp_path: Path, tiny_u
     from ddfm_fast.checkpoint import load_model
     from ddfm_fast.shrinkage import ShrinkagePrior
 
-    run = RunConfig(sampler=SamplerConfig(steps=3)).for_model(ShrinkagePrior())
-    assert run.model_digest == RunConfig(sampler=SamplerConfig(steps=3)).for_model(ShrinkagePrior()).model_digest
-    other = RunConfig(sampler=SamplerConfig(steps=3)).for_model(ShrinkagePrior(contrast=0.3))
+    assert RunConfig(sampler=SamplerConfig(steps=3)).for_model(ShrinkagePrior()).model_digest is None  # not asked
+    run = RunConfig(sampler=SamplerConfig(steps=3)).for_model(ShrinkagePrior(), digest=True)
+    assert run.model_digest == resume.model_digest(ShrinkagePrior())
+    other = RunConfig(sampler=SamplerConfig(steps=3)).for_model(ShrinkagePrior(contrast=0.3), digest=True)
     assert other.model_digest != run.model_digest and other.checkpoint == run.checkpoint is None
     identity = run.identity(plan("cpu", run.accel))
     out = tmp_path / "out"
@@ -167,10 +168,28 @@ def test_another_model_under_the_same_name_is_not_trusted(tmp_path: Path, tiny_u
     net = load_model(tiny_unet_files[0], config=tiny_unet_files[1])
     digest = resume.model_digest(net)
     assert resume.model_digest(copy.deepcopy(net)) == digest
+    # The same weights in another memory layout are the same model (the bytes are hashed in logical order).
+    assert resume.model_digest(copy.deepcopy(net).to(memory_format=torch.channels_last)) == digest
     with torch.no_grad():
         next(reversed(list(net.parameters()))).view(-1)[-1] += 1e-3
     assert resume.model_digest(net) != digest
-    assert RunConfig(sampler=SamplerConfig(prior="none")).for_model(None).model_digest is None
+    assert RunConfig(sampler=SamplerConfig(prior="none")).for_model(None, digest=True).model_digest is None
+    # Outputs recorded before the digest existed cannot be vouched for: the refusal says so in words.
+    old_identity = {k: v for k, v in identity.items() if k != "model_digest"}
+    with pytest.raises(StaleOutputsError, match="did not record which model"):
+        plan_resume(pairs, out, run, identity, _records(*[_write_with_record(pairs[0], out / "a.png", run,
+                                                                            old_identity)], identity=old_identity))
+
+
+def test_progress_images_of_em_only_are_refused_by_the_library_too(tmp_path: Path) -> None:
+    from ddfm_fast.pairing import InputError
+    from ddfm_fast.runner import run_single
+
+    pair = _pair_files(tmp_path, "a")
+    with pytest.raises(InputError, match="EM only .* has none"):
+        run_single(None, pair, tmp_path / "a.png", RunConfig(sampler=SamplerConfig(prior="none", steps=3)),
+                   device=torch.device("cpu"), progress_dir=tmp_path / "steps")
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "steps").exists()
 
 
 def test_load_records_reads_summaries_and_journals(tmp_path: Path) -> None:
