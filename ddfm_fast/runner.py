@@ -471,12 +471,12 @@ def plan_resume(pairs: Iterable[Pair], out_dir: Path, run: RunConfig, identity: 
         changes: list[str] = []
         for rec in stale:
             before = records.identities.get(str(rec.get("settings")))
+            found = (resume.settings_changes(before, identity) if before is not None
+                     else [f"settings digest {rec.get('settings')!r} -> {digest!r}"])
             if before is not None and "model_digest" not in before and identity.get("model_digest") is not None:
-                found = ["made by a version of ddfm-fast that did not record which model (weights) made them, so "
-                         "they cannot be checked against this model"]
-            else:
-                found = (resume.settings_changes(before, identity) if before is not None
-                         else [f"settings digest {rec.get('settings')!r} -> {digest!r}"])
+                found = [c for c in found if not c.startswith("model_digest ")] + [
+                    "made by a version of ddfm-fast that did not record which model (weights) made them, so they "
+                    "cannot be checked against this model"]
             changes += [c for c in found if c not in changes]
         raise StaleOutputsError(f"{out_dir} holds {len(stale)} output(s) made with other settings "
                                 f"({'; '.join(changes)}); {REDO_HINT}")
