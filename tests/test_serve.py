@@ -462,7 +462,8 @@ def test_cancel_stops_a_long_run_promptly_and_the_queue_is_visible(browser, serv
     second.click("#fuse")
     second.wait_for_function("document.getElementById('status').textContent === 'queued: 1 job ahead'",
                              timeout=30_000)
-    assert second.locator("#queue li").count() == 2
+    # The status comes from the submit's reply; the queue list from the job's event stream, a moment later.
+    second.wait_for_function("document.querySelectorAll('#queue li[data-state]').length === 2", timeout=30_000)
     assert "running, step" in second.inner_text("#queue li[data-state=running]")
     long_job = _job_id(first)
     t0 = time.monotonic()

@@ -161,8 +161,8 @@ function render(job) {
     const ahead = job.queue_position || 0;
     setText("status", `queued: ${ahead} job${ahead === 1 ? "" : "s"} ahead`);
   } else if (job.state === "running") {
-    if (em) { progress.removeAttribute("value"); setText("status", `EM only: ${job.steps} iterations running…`); }
-    else { progress.max = job.steps; progress.value = job.step; setText("status", `step ${job.step} of ${job.steps}`); }
+    progress.max = job.steps; progress.value = job.step;
+    setText("status", em ? `EM only: iteration ${job.step} of ${job.steps}` : `step ${job.step} of ${job.steps}`);
   } else if (job.state === "done") {
     progress.max = 1; progress.value = 1;
     setText("status", `done: ${job.steps} ${em ? "EM iterations" : "steps"} in ${job.seconds} s (${job.size[0]}×${job.size[1]})`);
@@ -179,7 +179,8 @@ function render(job) {
     const live = $("live");
     live.src = job.preview;
     live.hidden = false;
-    setText("live-caption", `x0 estimate after step ${job.preview_step} of ${job.steps}`);
+    setText("live-caption", em ? `EM estimate after iteration ${job.preview_step} of ${job.steps}`
+      : `x0 estimate after step ${job.preview_step} of ${job.steps}`);
   }
   updateButtons();
   if (job.state === "done") showResult(job);
@@ -195,7 +196,8 @@ function renderQueue(jobs) {
   for (const j of shown) {
     const li = document.createElement("li");
     li.dataset.state = j.state;
-    const what = j.state === "running" && j.prior !== "none" ? `running, step ${j.step} of ${j.steps}` : j.state;
+    const unit = j.prior === "none" ? "iteration" : "step";
+    const what = j.state === "running" ? `running, ${unit} ${j.step} of ${j.steps}` : j.state;
     li.textContent = `${j.labels[0]} + ${j.labels[1]}: ${what}${state.job && j.id === state.job.id ? " (this page)" : ""}`;
     list.append(li);
   }
