@@ -89,13 +89,18 @@ def _load_model(checkpoint: Optional[str], model_config: Optional[Path], device:
               help="Largest upload in MiB (the pixel limit is the image reader's, as for 'fuse').")
 @click.option("--max-queue", default=8, show_default=True, type=click.IntRange(1, 1000),
               help="Jobs that may wait behind the running one.")
+@click.option("--fast", is_flag=True,
+              help="Fuse with AccelConfig.fast(): the fastest path the execution plan knows for the device (on CUDA "
+                   "fp16, compile, Triton tail, CUDA graphs; on a CPU fp32 eager, and the start-up line says why). "
+                   "Default: the faithful fp32 path.")
 def serve_command(host: str, port: int, checkpoint: Optional[str], model_config: Optional[Path],
-                  device: Optional[str], allow_remote: bool, max_upload_mb: int, max_queue: int) -> None:
+                  device: Optional[str], allow_remote: bool, max_upload_mb: int, max_queue: int,
+                  fast: bool) -> None:
     """Serve a local web page to fuse two images and watch the diffusion.
 
     \b
     ddfm-fast serve                       # http://127.0.0.1:8000/, the shipped prior
-    ddfm-fast serve --checkpoint adm256-uncond --device cuda
+    ddfm-fast serve --checkpoint adm256-uncond --device cuda --fast
 
     The page takes an infrared + visible pair (or CT / PET / SPECT + MRI), the prior, steps, seed, colour and
     size policy; shows a progress bar with the live x0 estimate; then the fused image beside the sources with a
@@ -115,7 +120,8 @@ def serve_command(host: str, port: int, checkpoint: Optional[str], model_config:
             "it. Pass --allow-remote to listen there anyway", param_hint="--host")
 
     from ddfm_fast.api import default_device
-    from ddfm_fast.plan import BackendError, check_device
+    from ddfm_fast.config import AccelConfig
+    from ddfm_fast.plan import BackendError, check_device, plan
     from ddfm_fast.web.app import LOOPBACK_HOSTS, create_app
     from ddfm_fast.web.jobs import JobManager, Limits
 
@@ -128,18 +134,22 @@ def serve_command(host: str, port: int, checkpoint: Optional[str], model_config:
     from ddfm_fast.config import DEFAULT_PRIOR
 
     name = checkpoint or f"{DEFAULT_PRIOR} (shipped)"
+    accel = AccelConfig.fast() if fast else AccelConfig()
     manager = JobManager(model, dev, Limits(max_upload_bytes=max_upload_mb * 1024 * 1024, max_queue=max_queue),
-                         model_name=name)
+                         model_name=name, accel=accel)
     allowed = list(LOOPBACK_HOSTS) + ([host] if host not in LOOPBACK_HOSTS else []) if loopback else None
     app = create_app(manager, allowed_hosts=allowed)
     where = ("loopback only: just this computer can open it" if loopback
              else "NOT loopback: anyone who can reach this address can use it (--allow-remote)")
-    click.echo(f"ddfm-fast serve: {_url(sock)} ({where}); model {name} on {dev}; Ctrl-C stops", err=True)
-    sys.stderr.flush()
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    # The plan in the start-up line: a fast path not taken says why before the first job runs.
+    line = f"ddfm-fast serve: {_url(sock)} ({where}); model {name}, plan {plan(dev, accel).describe()}; Ctrl-C stops"
     try:
+        click.echo(line, err=True)
+        sys.stderr.flush()
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # Ctrl-C before uvicorn took over the signal
+    except KeyboardInterrupt:  # Ctrl-C before uvicorn took over the signal: a stop like any other
         pass
     finally:
         manager.close(timeout=5.0)

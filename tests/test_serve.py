@@ -324,6 +324,39 @@ def server() -> Server:
 def test_startup_line_says_loopback(server: Server) -> None:
     assert server.url.startswith("http://127.0.0.1:")
     assert any("loopback only" in line for line in server.lines)
+    assert any("plan cpu: torch tail, fp32, eager" in line for line in server.lines)  # what the jobs run
+
+
+@needs_web
+def test_fast_serves_with_the_fast_plan_and_says_what_it_is() -> None:
+    srv = Server("--fast")
+    try:
+        # On a CPU the fast plan is fp32 eager, and the line says why it picked nothing faster.
+        plan_line = next(line for line in srv.lines if "plan cpu:" in line)
+        assert "fp32" in plan_line and "not picked on a CPU" in plan_line, plan_line
+    finally:
+        assert srv.stop() == 0, "".join(srv.lines)
+
+
+def test_a_fast_manager_hands_its_acceleration_to_every_diffusion_job(images: dict[str, Path], monkeypatch) -> None:
+    from ddfm_fast.shrinkage import ShrinkagePrior
+
+    seen = []
+    real = api.fuse_prepared
+    monkeypatch.setattr(api, "fuse_prepared", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    model = ShrinkagePrior()
+    manager = JobManager(model, torch.device("cpu"), accel=AccelConfig.fast())
+    try:
+        ir = manager.add_upload(images["ir"].read_bytes(), "infrared image ir.png", ".png")
+        vis = manager.add_upload(images["vis"].read_bytes(), "visible image vis.png", ".png")
+        job = manager.submit(ir.token, vis.token, JobRequest(steps=3))
+        assert _wait_final(manager, job.id)["state"] == "done"
+        assert seen == [AccelConfig.fast()]
+        fused = np.asarray(Image.open(bytesio.BytesIO(manager.get(job.id).outputs["fused"])))
+        want = api.fuse(images["ir"], images["vis"], model=model, accel="fast", steps=3)
+        assert np.array_equal(fused, want.fused)
+    finally:
+        manager.close()
 
 
 @needs_web

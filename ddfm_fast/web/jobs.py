@@ -259,8 +259,9 @@ class JobManager:
     """
 
     def __init__(self, model: Optional[nn.Module], device: torch.device, limits: Limits = Limits(),
-                 model_name: str = "") -> None:
+                 model_name: str = "", accel: AccelConfig = AccelConfig()) -> None:
         self.model = model
+        self.accel = accel  # how diffusion jobs run (``serve --fast``); EM-only jobs have no UNet to speed up
         self.device = torch.device(device)
         self.limits = limits
         self.model_name = model_name
@@ -470,7 +471,7 @@ class JobManager:
     def _run(self, job: Job) -> None:
         model = self.model if job.config.prior == "diffusion" else None
         try:
-            (result,) = api.fuse_prepared([job.pair], job.config, AccelConfig(), model, self.device,
+            (result,) = api.fuse_prepared([job.pair], job.config, self.accel, model, self.device,
                                           callback=self._callback(job))
         except Cancelled as exc:
             self._finish(job, "cancelled", str(exc))
@@ -496,6 +497,8 @@ class JobManager:
         if not np.isfinite(result.luma).all():  # the sampler checks its sample; this guards what is written
             raise NonFiniteError("the fused luminance is not finite; nothing was written")
         job.outputs["fused"] = png_bytes(result.fused)
+        if result.plan is not None and result.plan.fallbacks:  # a fast path given up at run time is said on the page
+            job.notes.extend(f"fast path {f}" for f in result.plan.fallbacks)
         for slot, upload in zip(SLOTS, (job.ir, job.vis)):
             rgb = upload.rgb8[:h, :w]
             job.views[slot] = png_bytes(rgb if io.has_chroma(rgb) else rgb[..., 0])
