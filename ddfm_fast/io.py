@@ -159,10 +159,12 @@ def open_regular_file(path: Union[str, bytes, os.PathLike]) -> BinaryIO:
         problem = _kind_problem(os.fstat(fd))
         if problem:
             raise FileProblem(problem)
-        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    # The file object owns the descriptor from here: closing fd ourselves as well (if an interrupt landed inside
+    # fdopen) would close it twice, the second time under another file that had been given the same number.
+    return os.fdopen(fd, "rb")
 
 
 # --------------------------------------------------------------------------------------------------- limits

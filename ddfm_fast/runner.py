@@ -85,6 +85,25 @@ class Interrupted(KeyboardInterrupt):
         self.signum = int(signum)
 
 
+# Signals the command line turned into :class:`Interrupted` (:func:`note_signal`) that no run has seen yet. The
+# handler raises at whatever bytecode runs when the signal arrives; if that is a finalizer (a file object closed by
+# the garbage collector), Python prints the exception and drops it, and the run would go on as if nothing came. A
+# folder run checks this between pairs, so a dropped interrupt still stops it there.
+_PENDING_SIGNALS: list[int] = []
+
+
+def note_signal(signum: int) -> None:
+    """Record a signal that is about to be raised as :class:`Interrupted` (the CLI's handler calls this first)."""
+    _PENDING_SIGNALS.append(int(signum))
+
+
+def _raise_pending_signal() -> None:
+    if _PENDING_SIGNALS:
+        signum = _PENDING_SIGNALS[-1]
+        _PENDING_SIGNALS.clear()
+        raise Interrupted(signum)
+
+
 class RunInterrupted(Interrupted):
     """A folder run was interrupted after writing its summary; ``message`` says what was done and how to resume."""
 
@@ -571,6 +590,7 @@ class _FolderRun:
 
     def read(self, todo: list[Pair]) -> Iterator[ReadPair]:
         for pair in todo:
+            _raise_pending_signal()
             if self.stopped:
                 return
             try:
@@ -787,12 +807,15 @@ def run_folder(
     try:
         try:
             for batch in size_buckets(state.read(todo), run.batch_size):
+                _raise_pending_signal()
                 state.fuse(batch)
                 if state.stopped:
                     break
+            _raise_pending_signal()
             summary.stopped = state.stopped
             summary.complete = state.stopped is None
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP turned into Interrupted by the CLI
+            _PENDING_SIGNALS.clear()  # this one arrived
             interrupted = exc
         finally:
             progress.close()

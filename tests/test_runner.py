@@ -267,3 +267,26 @@ def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path: Path) -> None
     with resume.FolderLock(tmp_path) as lock:
         assert lock.held and json.loads((tmp_path / resume.LOCK_NAME).read_text())["pid"] != 1
     assert not (tmp_path / resume.LOCK_NAME).exists()
+
+
+def test_an_interrupt_dropped_in_a_finalizer_still_stops_a_folder_run(tmp_path: Path) -> None:
+    """The CLI's SIGTERM handler raises wherever the signal lands; in a finalizer Python drops the exception. The
+    handler notes the signal first, and the folder run stops at its next pair all the same."""
+    import signal
+
+    from ddfm_fast.pairing import pair_sources
+    from ddfm_fast.runner import RunInterrupted, note_signal, run_folder
+
+    for stem in "abc":
+        _pair_files(tmp_path, stem)
+    run = RunConfig(sampler=SamplerConfig(prior="none", steps=1))
+    note_signal(signal.SIGTERM)  # as if its Interrupted had been raised inside a __del__ and dropped
+    with pytest.raises(RunInterrupted) as caught:
+        run_folder(None, pair_sources(tmp_path / "ir", tmp_path / "vis"), tmp_path / "out", run,
+                   device=torch.device("cpu"))
+    assert caught.value.signum == signal.SIGTERM and "interrupted by SIGTERM" in caught.value.message
+    assert caught.value.summary.complete is False and caught.value.summary.pending == 3
+    # Seen once: the rerun resumes and finishes.
+    done = run_folder(None, pair_sources(tmp_path / "ir", tmp_path / "vis"), tmp_path / "out", run,
+                      device=torch.device("cpu"))
+    assert done.complete and [d["stem"] for d in done.done] == ["a", "b", "c"]
