@@ -67,9 +67,10 @@ def load_command(name: str) -> click.Command:
 def _signal_to_interrupt(signum: int, _frame: Any) -> None:
     """SIGTERM / SIGHUP as ``KeyboardInterrupt`` (:class:`ddfm_fast.runner.Interrupted`), once: a second one of the
     same signal ends the process the default way."""
-    from ddfm_fast.runner import Interrupted
+    from ddfm_fast.runner import Interrupted, note_signal
 
     signal.signal(signum, signal.SIG_DFL)
+    note_signal(signum)  # if the exception below lands in a finalizer and is dropped, the folder run still stops
     raise Interrupted(signum)
 
 
