@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -34,6 +33,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import ddfm_fast  # noqa: E402
 import quality_report as qr  # noqa: E402 (bench/quality_report.py: the same pair loading)
+from ddfm_fast.benchmarks import cpu_model  # noqa: E402
 from ddfm_fast.checkpoint import PRESETS, resolve_preset  # noqa: E402
 from ddfm_fast.metrics import evaluate  # noqa: E402
 
@@ -112,14 +112,7 @@ def main(argv: list[str] | None = None) -> int:
               + f" ({runs[str(steps)]['seconds_per_pair']:.2f} s wall)", flush=True)
     runs["EM only, 20 iterations"] = _run(None, pairs, prior="none", steps=20)
     load_after = os.getloadavg()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     rep = {
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,

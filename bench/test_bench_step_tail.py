@@ -29,7 +29,6 @@ of every row compare speeds on one scale (and, for the Triton row, estimate the 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +36,7 @@ import torch
 
 from conftest import device_info
 from ddfm_fast import color
-from ddfm_fast.benchmarks import tail_bytes
+from ddfm_fast.benchmarks import cpu_model, tail_bytes
 from ddfm_fast.config import SamplerConfig
 from ddfm_fast.em import em_init
 from ddfm_fast.schedule import Schedule
@@ -171,16 +170,6 @@ def _inputs(height: int, width: int, device: torch.device, batch: int = 1):
     return [t.to(device) for t in (I, V, x, eps)]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -258,7 +247,7 @@ def test_step_tail(benchmark, impl, size, bench_device):
     rounds = 20 if device.type == "cuda" else (10 if height * width <= 256 * 256 else 5)
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
     nbytes = tail_bytes(1, height, width)
-    info = {**device_info(), "cpu_model": _cpu_model(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    info = {**device_info(), "cpu_model": cpu_model(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "impl": impl, "shape": f"1x3x{height}x{width}", "nominal_bytes": nbytes, "calls_per_round": CALLS,
             "timing": "one CUDA graph of the calls per round" if graphed else "plain calls", "max_abs_vs_torch": max_abs}
     if benchmark.stats is not None:
