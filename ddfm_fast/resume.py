@@ -77,7 +77,8 @@ def settings_digest(identity: Mapping[str, Any]) -> str:
 
 
 def model_digest(model: "torch.nn.Module") -> str:
-    """What a model computes, as a short digest: its class, its ``extra_repr`` and every byte of its state dict.
+    """What a model computes, as a short digest: its class, its ``extra_repr``, its ``config`` (a UNet's
+    architecture) and every byte of its state dict.
 
     Part of a folder run's output identity, so that outputs made by another model under the same name (a weights
     file replaced at its path, a preset whose file changed, the analytic prior with another contrast) are not
@@ -89,6 +90,11 @@ def model_digest(model: "torch.nn.Module") -> str:
     import torch  # resume is read by the CLI before torch is imported; only a folder run with a model needs it
 
     h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}({model.extra_repr()})".encode())
+    # A UNet's architecture lives in its config (prediction type, heads, norms, ...), not in extra_repr: the same
+    # weights under another config compute another output.
+    config = getattr(model, "config", None)
+    if callable(getattr(config, "to_dict", None)):
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().reshape(-1).contiguous().cpu()
         h.update(f"\0{name}\0{t.dtype}\0{tuple(tensor.shape)}\0".encode())
@@ -96,9 +102,14 @@ def model_digest(model: "torch.nn.Module") -> str:
     return h.hexdigest()[:16]
 
 
+# Identity fields present only when they matter (``runner.output_identity``), and the value their absence means.
+_ABSENT = {"batch_size": 1}
+
+
 def settings_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
     """``["lamb 0.5 -> 0.25", "seed 3407 -> 1"]``: the fields that differ, sorted by name."""
-    return [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+    value = lambda d, k: d.get(k, _ABSENT.get(k))  # noqa: E731
+    return [f"{k} {value(before, k)!r} -> {value(after, k)!r}" for k in sorted(set(before) | set(after))
             if before.get(k) != after.get(k)]
 
 

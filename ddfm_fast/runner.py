@@ -145,8 +145,10 @@ class RunConfig:
         model_digest: what the loaded model computes (:func:`ddfm_fast.resume.model_digest`), filled in by a
             folder run (:meth:`for_model` with ``digest=True``): a name says where a model came from, this says
             which model it is.
-        batch_size: how many pairs of one model size are fused at once (one EM tau per image, so outputs equal
-            the single runs up to float rounding: it is not part of :func:`output_identity`).
+        batch_size: how many pairs of one model size are fused at once. With ``tau_reduce="image"`` (one EM tau
+            per image) outputs equal the single runs up to float rounding, so it is not part of
+            :func:`output_identity`; with ``"batch"`` (the official mean over the batch) it is, and each output
+            depends on the pairs fused beside it (a folder run says so).
     """
 
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -224,8 +226,9 @@ def _model_name(name: Optional[str], prior: str, default: Optional[str] = DEFAUL
 def output_identity(settings: dict[str, Any], plan: Optional[dict[str, Any]]) -> dict[str, Any]:
     """What decides the written bytes, from a summary's ``settings`` (:meth:`RunConfig.to_dict`) and ``plan``.
 
-    Every :class:`SamplerConfig` field; every :class:`RunConfig` run-level field except those marked as changing
-    float rounding only (the batch size): the mode, output kind, file format, resize and model; and the UNet
+    Every :class:`SamplerConfig` field (for EM only, those it reads); every :class:`RunConfig` run-level field
+    except those marked as changing float rounding only (the batch size, unless ``tau_reduce="batch"`` shares one
+    tau among the pairs of a batch): the mode, output kind, file format, resize and model; and the UNet
     dtype the plan chose (fp16 / bf16 change the numerics, not only their rounding order). Derived from the
     fields, so a new sampler option is covered by being a field. The device, the step backend, compile, CUDA
     graphs and channels_last change float rounding only.
@@ -234,6 +237,15 @@ def output_identity(settings: dict[str, Any], plan: Optional[dict[str, Any]]) ->
     counted = [f.name for f in dataclasses.fields(RunConfig)
                if f.name not in ("sampler", "accel") and f.metadata.get("affects_output", True)]
     identity = {**sampler, **{k: run.get(k) for k in counted}}
+    if sampler.get("tau_reduce") == "batch" and (run.get("batch_size") or 1) > 1:
+        # One tau over the batch (the official reduction): each output depends on the pairs fused beside it.
+        # A batch of one is the per-image value, so identities of single-pair batches stay as they were.
+        identity["batch_size"] = run.get("batch_size")
+    if sampler.get("prior") == "none":
+        # EM only has no noise and no x0 prediction: the seed, the clip and the schedule length change nothing.
+        # They are recorded at their defaults, so that an EM-only output is kept whatever they were set to.
+        defaults = SamplerConfig().to_dict()
+        identity.update({k: defaults[k] for k in ("seed", "clip", "train_timesteps")})
     identity["unet_dtype"] = plan.get("dtype") if plan and sampler.get("prior") != "none" else None
     return json.loads(json.dumps(identity))  # the types a summary gives back (lists, not tuples)
 
@@ -483,7 +495,13 @@ def plan_resume(pairs: Iterable[Pair], out_dir: Path, run: RunConfig, identity: 
                                  "reason": verdict.reason})  # the file stays as it is, and so does its record
         else:  # new or redo
             plan.todo.append(pair)
-            plan.kept.pop(dest.name, None)
+            # The file on disk stays until its replacement is renamed over it, so its record stays too (the one
+            # that matches its bytes, when one does): a redo that fails or is interrupted loses nothing. This
+            # run's record replaces it when the new output is written (RunSummary.outputs).
+            if verdict.status == "new":
+                plan.kept.pop(dest.name, None)
+            elif verdict.record is not None:
+                plan.kept[dest.name] = verdict.record
             if verdict.status == "redo" and not overwrite:
                 plan.replaced.append({"stem": pair.stem, "output": str(dest), "reason": verdict.reason})
     if stale:
@@ -651,6 +669,18 @@ class _FolderRun:
 _JOURNAL_RANK = re.compile(r"-r(\d+)" + re.escape(resume.JOURNAL_SUFFIX) + "$")
 
 
+def _journal_in(path: Path, summary: RunSummary) -> bool:
+    """True when every output ``path`` journals is in ``summary``'s outputs with the same bytes (or the journal is
+    gone): removing it then loses no record."""
+    if not path.exists():
+        return True
+    found = resume.FolderRecords()
+    resume.read_journals([path], found)
+    outputs = summary.outputs
+    return all(outputs.get(name, {}).get("output_sha256") == recs[-1].get("output_sha256")
+               for name, recs in found.journaled.items())
+
+
 def _absorb_journals(summary: RunSummary, out_dir: Path, exclude: set[Path]) -> None:
     """Rank 0 of an interrupted torchrun run: add the outputs the other ranks journaled in this run (the journals
     not in ``exclude``: those read at the start, and rank 0's own) to ``done``, tagged with their rank, so the
@@ -764,6 +794,10 @@ def run_folder(
                                   fold_case=resume.case_insensitive(out_dir))
         except Exception as exc:  # noqa: BLE001 - raised below on every process (coord.agree), not only here
             error = exc
+        except BaseException:  # Ctrl-C while the resume check hashes the inputs: the folder must not stay locked
+            if own_lock is not None:
+                own_lock.release()
+            raise
     try:
         todo = coord.agree(error, None if decided is None else decided.todo)
         todo = coord.shard(todo)
@@ -786,6 +820,11 @@ def run_folder(
                              + ", ".join(removed[:5]) + (", ..." if len(removed) > 5 else ""))
         for item in decided.replaced:
             warnings_.append(f"{item['stem']}: {item['reason']}")
+        if run.sampler.tau_reduce == "batch" and run.batch_size > 1 and todo:
+            warnings_.append(f"tau_reduce 'batch' with batch size {run.batch_size}: the EM step's tau is one mean "
+                             "over each batch (the official reduction), so an output depends on the pairs fused "
+                             "beside it, and a resumed or torchrun run batches other pairs together; "
+                             "--tau-reduce image (or --batch-size 1) fuses each pair as if alone")
         lock_warning = (own_lock or lock).warning if (own_lock or lock) is not None else None
         if lock_warning:
             warnings_.append(lock_warning)
@@ -835,8 +874,12 @@ def run_folder(
                 summary.pending = sum(1 for p in pairing.pairs if p.stem not in accounted)  # all ranks' share
             if write_summary or (interrupted is not None and coord.is_main):
                 written = summary.write_safely(out_dir)
-                if written is not None and coord.world_size == 1:  # the summary holds every journaled record
-                    resume.remove_journals([*records.journals, journal.path])
+                if written is not None and coord.world_size == 1:
+                    # The journals read at the start are in the summary (kept). This run's own is, unless an
+                    # interrupt landed between an output's rename and its record reaching ``done``: then the
+                    # journal stays and the next run reads the record from it.
+                    own = [journal.path] if _journal_in(journal.path, summary) else []
+                    resume.remove_journals([*records.journals, *own])
     finally:
         if own_lock is not None:
             own_lock.release()

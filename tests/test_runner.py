@@ -290,3 +290,137 @@ def test_an_interrupt_dropped_in_a_finalizer_still_stops_a_folder_run(tmp_path: 
     done = run_folder(None, pair_sources(tmp_path / "ir", tmp_path / "vis"), tmp_path / "out", run,
                       device=torch.device("cpu"))
     assert done.complete and [d["stem"] for d in done.done] == ["a", "b", "c"]
+
+
+def test_the_same_weights_under_another_architecture_are_another_model() -> None:
+    """A UNet's architecture is its config, not its weights: the same state dict read as v-prediction, or with
+    other attention heads, computes another output, so it must digest differently."""
+    from ddfm_fast.unet import UNetConfig, UNetModel
+
+    cfg = UNetConfig(image_size=32, model_channels=16, num_res_blocks=1, channel_mult=(1, 2),
+                     attention_resolutions=(2,), num_heads=1, norm_groups=8)
+    torch.manual_seed(0)
+    a = UNetModel(cfg).eval()
+    digests = {resume.model_digest(a)}
+    for change in (dict(prediction="v"), dict(num_heads=4)):
+        b = UNetModel(dataclasses.replace(cfg, **change)).eval()
+        b.load_state_dict(a.state_dict())
+        digests.add(resume.model_digest(b))
+    assert len(digests) == 3
+
+
+def _folder(tmp_path: Path, stems: str = "abc"):
+    from ddfm_fast.pairing import pair_sources
+
+    for stem in stems:
+        if not (tmp_path / "ir" / f"{stem}.png").exists():  # made once: a test edits them between runs
+            _pair_files(tmp_path, stem, value=60 + 40 * "abc".index(stem))
+    return pair_sources(tmp_path / "ir", tmp_path / "vis")
+
+
+def test_a_redo_that_does_not_happen_keeps_the_old_output_record(tmp_path: Path) -> None:
+    """Until a redone output is written, the file on disk is the old one, and so is its record: an --overwrite run
+    interrupted before reaching a pair, or a redo whose input fails to read, leaves an output a rerun keeps."""
+    import signal
+
+    from ddfm_fast.runner import RunInterrupted, note_signal, run_folder
+
+    run = RunConfig(sampler=SamplerConfig(prior="none", steps=1))
+    out = tmp_path / "out"
+    cpu = torch.device("cpu")
+    assert len(run_folder(None, _folder(tmp_path), out, run, device=cpu).done) == 3
+
+    def stop_after_first(event: dict) -> None:
+        if event["status"] == "done":
+            note_signal(signal.SIGTERM)  # lands between two pairs
+
+    with pytest.raises(RunInterrupted):
+        run_folder(None, _folder(tmp_path), out, run, device=cpu, overwrite=True, on_event=stop_after_first)
+    again = run_folder(None, _folder(tmp_path), out, run, device=cpu)
+    assert not again.failed and not again.done and len(again.skipped) == 3
+    # A redo (an input changed) whose input cannot be read: the pair fails, the old output and its record stay.
+    good = (tmp_path / "ir" / "c.png").read_bytes()
+    (tmp_path / "ir" / "c.png").write_bytes(good[: len(good) // 2])
+    broken = run_folder(None, _folder(tmp_path), out, run, device=cpu)
+    assert [f["stem"] for f in broken.failed] == ["c"] and "c.png" in broken.outputs
+    (tmp_path / "ir" / "c.png").write_bytes(good)
+    restored = run_folder(None, _folder(tmp_path), out, run, device=cpu)
+    assert not restored.failed and not restored.done and len(restored.skipped) == 3
+
+
+def test_an_interrupt_right_after_an_output_is_renamed_keeps_its_record(tmp_path: Path, monkeypatch) -> None:
+    """The record is journaled before the rename; an interrupt between the rename and the record reaching the
+    summary leaves the journal in place, and the rerun keeps the output instead of refusing it as unknown."""
+    import os
+
+    from ddfm_fast.runner import RunInterrupted, run_folder
+
+    run = RunConfig(sampler=SamplerConfig(prior="none", steps=1))
+    out = tmp_path / "out"
+    real_replace = os.replace
+
+    def replace_then_interrupt(src, dst) -> None:
+        real_replace(src, dst)
+        if Path(dst).name == "b.png":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(RunInterrupted):
+        run_folder(None, _folder(tmp_path), out, run, device=torch.device("cpu"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "b.png").exists() and resume.journal_paths(out)
+    again = run_folder(None, _folder(tmp_path), out, run, device=torch.device("cpu"))
+    assert not again.failed, again.failed
+    assert [s["stem"] for s in again.skipped] == ["a", "b"] and [d["stem"] for d in again.done] == ["c"]
+    assert not resume.journal_paths(out)  # all in the summary now
+
+
+def test_ctrl_c_during_the_resume_check_releases_the_folder(tmp_path: Path, monkeypatch) -> None:
+    from ddfm_fast.runner import run_folder
+
+    run = RunConfig(sampler=SamplerConfig(prior="none", steps=1))
+    out = tmp_path / "out"
+    run_folder(None, _folder(tmp_path), out, run, device=torch.device("cpu"))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(resume, "input_fingerprints", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_folder(None, _folder(tmp_path), out, run, device=torch.device("cpu"))
+    assert not (out / resume.LOCK_NAME).exists()
+    assert len(run_folder(None, _folder(tmp_path), out, run, device=torch.device("cpu")).skipped) == 3
+
+
+def test_a_batch_tau_makes_the_batch_size_part_of_the_identity(tmp_path: Path) -> None:
+    """With the official batch mean of tau an output depends on the pairs beside it: another batch size is
+    another output. A batch of one is the per-image tau, and keeps the identity it always had."""
+    paper = SamplerConfig.paper(steps=3)
+    ids = {b: RunConfig(sampler=paper, batch_size=b).identity(None) for b in (1, 2, 4)}
+    assert "batch_size" not in ids[1] and ids[2]["batch_size"] == 2 and len({json.dumps(i, sort_keys=True)
+                                                                             for i in ids.values()}) == 3
+    image = SamplerConfig(steps=3, tau_reduce="image")
+    assert RunConfig(sampler=image, batch_size=1).identity(None) == RunConfig(sampler=image, batch_size=4).identity(None)
+    out = tmp_path / "out"
+    out.mkdir()
+    pairs = [_pair_files(tmp_path, "a")]
+    recs = [_write_with_record(pairs[0], out / "a.png", RunConfig(sampler=paper, batch_size=2), ids[2])]
+    with pytest.raises(StaleOutputsError, match=r"batch_size 2 -> 1"):
+        plan_resume(pairs, out, RunConfig(sampler=paper), ids[1], _records(*recs, identity=ids[2]))
+    # A folder run says out loud that its outputs depend on the batching.
+    from ddfm_fast.runner import run_folder
+
+    em = RunConfig(sampler=SamplerConfig(prior="none", steps=1, tau_reduce="batch"), batch_size=2)
+    summary = run_folder(None, _folder(tmp_path / "f"), tmp_path / "f" / "out", em, device=torch.device("cpu"))
+    assert any("tau_reduce 'batch' with batch size 2" in w for w in summary.warnings), summary.warnings
+
+
+def test_settings_em_only_does_not_read_are_not_part_of_its_identity() -> None:
+    em = SamplerConfig(prior="none", steps=3)
+    base = RunConfig(sampler=em).identity(None)
+    for unused in (dict(seed=1), dict(clip=False), dict(train_timesteps=500)):
+        assert RunConfig(sampler=em.replace(**unused)).identity(None) == base, unused
+    assert RunConfig(sampler=em.replace(lamb=0.25)).identity(None) != base
+    ddfm = SamplerConfig(steps=3)
+    assert RunConfig(sampler=ddfm.replace(seed=1)).identity(None) != RunConfig(sampler=ddfm).identity(None)
