@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any, Union
 
 import torch
 
-from ddfm_fast.io import FileProblem, display_name, open_regular_file
+from ddfm_fast.io import FileProblem, atomic_path, display_name, open_regular_file
 from ddfm_fast.schedule import NUM_TRAIN_TIMESTEPS
 from ddfm_fast.shrinkage import DEFAULT_CONTRAST as SHRINK_CONTRAST
 from ddfm_fast.shrinkage import DEFAULT_STEPS as SHRINK_STEPS
@@ -902,13 +901,6 @@ def save_safetensors(
 
     path = Path(path).expanduser()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata=_metadata_strings(model, metadata))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:  # the permissions any new file gets, not mkstemp's 0600
+        save_file(tensors, str(tmp), metadata=_metadata_strings(model, metadata))
     return path

@@ -151,9 +151,11 @@ def eval_command(fused_specs: tuple[str, ...], ir_dir: Optional[Path], vis_dir: 
     results = ev.collect_methods(methods, pairings, rows, not_scored)
     summary = [res.summary_row() for res in results if res.scores.rows]
     _print_eval(results, summary, shown, fmt, decimals, not no_std, per_image, mode, variant)
-    if out is not None:
-        _write_eval(out, results, summary, shown, fmt, decimals, not no_std, mode, variant, a_dir, b_dir)
     scored = any(res.scores.rows for res in results)
+    if out is not None and scored:
+        _write_eval(out, results, summary, shown, fmt, decimals, not no_std, mode, variant, a_dir, b_dir)
+    elif out is not None:
+        click.echo(f"no image was scored: nothing written to {out} (files there are left as they were)", err=True)
     if dctx is not None:  # distributed hook: rank 0 tells the others its exit code, then all exit together
         _end_eval_session(dctx, 0 if scored else 1)
     if not scored:
@@ -170,6 +172,11 @@ def _print_eval(results: list[ev.MethodScores], summary: list[tables.SummaryRow]
             if many:
                 click.echo(f"{res.name}:")
             click.echo(ev.format_table(list(res.scores.rows.items()), shown))
+        flat = ev.flat_images(res.scores.rows)
+        if flat:
+            click.echo(f"{prefix}warning: {len(flat)} fused image(s) are one grey level, so their metrics are "
+                       f"degenerate (PSNR -inf for black) and they pull the means: {', '.join(flat[:10])}"
+                       + (", ..." if len(flat) > 10 else ""), err=True)
         if res.scores.skipped:
             click.echo(f"{prefix}skipped {len(res.scores.skipped)}:", err=True)
             for s in res.scores.skipped:
@@ -193,14 +200,12 @@ def _write_eval(out: Path, results: list[ev.MethodScores], summary: list[tables.
     csv_path, json_path = _out_paths(out)
     summary_path = csv_path.with_name(csv_path.stem + "_summary.csv")
     best = tables.best_marks(summary, METRIC_NAMES, decimals)
-    ev.write_text(csv_path, ev.per_image_csv(results))
-    ev.write_text(summary_path, tables.summary_csv(summary, METRIC_NAMES))
-    ev.write_text(json_path, ev.dump_json(ev.methods_doc(results, mode, variant, a_dir, b_dir, best)))
-    written = [csv_path, summary_path, json_path]
+    files = {csv_path: ev.per_image_csv(results), summary_path: tables.summary_csv(summary, METRIC_NAMES),
+             json_path: ev.dump_json(ev.methods_doc(results, mode, variant, a_dir, b_dir, best))}
     if fmt in _TABLE_SUFFIX:
         table_path = csv_path.with_name(csv_path.stem + "_summary" + _TABLE_SUFFIX[fmt])
-        ev.write_text(table_path, tables.format_summary(summary, shown, fmt, decimals, show_std))
-        written.append(table_path)
+        files[table_path] = tables.format_summary(summary, shown, fmt, decimals, show_std)
+    written = ev.write_texts(files)  # one set: a full disk leaves the earlier results as they were
     click.echo("wrote " + ", ".join(map(str, written)), err=True)
 
 
@@ -255,8 +260,10 @@ def compare_command(dir1: Path, dir2: Path, out: Optional[Path], diff_dir: Optio
     """
     if out is not None:
         opts.check_writable(out, "-o/--out")
+        opts.check_not_input(out, (dir1, dir2), "-o/--out")
     if diff_dir is not None:
         opts.check_writable(diff_dir, "--diff-dir", folder=True)
+        opts.check_not_input(diff_dir, (dir1, dir2), "--diff-dir", folder=True)
     try:
         pairing = pair_by_stem({"DIR1": dir1, "DIR2": dir2})
     except InputError as exc:

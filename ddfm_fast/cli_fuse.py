@@ -18,6 +18,7 @@ from typing import Any, Optional
 import click
 
 from ddfm_fast import cli_options as opts
+from ddfm_fast.outputs import same_path
 from ddfm_fast.pairing import InputError, Pair, Pairing, Roles, pair_sources, roles
 from ddfm_fast.runner import PairError, RunConfig, run_folder, run_single
 from ddfm_fast.samples import EXAMPLES
@@ -175,13 +176,6 @@ def _output_kind(ctx: click.Context, o: dict[str, Any]) -> tuple[str, Optional[s
     return output, chosen_by, "ir" if o["resize_to_ir"] else ("vis" if o["resize_to_vis"] else None)
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
 def _check_single(job: Job, run: RunConfig) -> None:
     """Both inputs exist, and OUT is a file of the right suffix that is not an input (before a model is loaded)."""
     assert job.pair is not None
@@ -192,8 +186,11 @@ def _check_single(job: Job, run: RunConfig) -> None:
             raise click.ClickException(f"{role} {path}: not a file")
     if job.out.is_dir():
         raise click.BadParameter(f"{job.out} is a folder; give the output file for one pair", param_hint="-o/--output")
-    if _same_path(job.out, job.pair.ir) or _same_path(job.out, job.pair.vis):
+    if same_path(job.out, job.pair.ir) or same_path(job.out, job.pair.vis):
         raise click.BadParameter(f"{job.out} is one of the inputs; it would be overwritten", param_hint="-o/--output")
+    if same_path(job.pair.ir, job.pair.vis):
+        opts.reporter().warn(f"{job.roles.ir_long} and {job.roles.vis_long} are one file ({job.pair.ir}): the image "
+                             "is fused with itself")
     opts.check_writable(job.out)  # before the model loads, not after the compute
 
 
@@ -203,8 +200,11 @@ def _pair_folders(job: Job) -> Pairing:
     assert job.ir_dir is not None and job.vis_dir is not None
     if out.exists() and not out.is_dir():
         raise click.BadParameter(f"{out} is a file; folder runs need an output folder", param_hint="-o/--output")
-    if _same_path(out, job.ir_dir) or _same_path(out, job.vis_dir):
+    if same_path(out, job.ir_dir) or same_path(out, job.vis_dir):
         raise click.BadParameter(f"{out} is an input folder; outputs would replace inputs", param_hint="-o/--output")
+    if same_path(job.ir_dir, job.vis_dir):
+        opts.reporter().warn(f"the {job.roles.ir_name} and {job.roles.vis_name} folders are one folder "
+                             f"({job.ir_dir}): every image is fused with itself")
     pairing = pair_sources(job.ir_dir, job.vis_dir, job.roles.mode)
     if not pairing.pairs and not pairing.ambiguous:
         raise click.ClickException(
@@ -228,7 +228,7 @@ def _progress_dir(job: Job, pairing: Optional[Pairing], o: dict[str, Any], run: 
                                f"{len(pairing.pairs)} pairs; run that pair alone (ddfm-fast fuse IR VIS -o OUT "
                                "--save-progress)")
     progress_dir = o["progress_dir"] or job.out.parent / f"{job.out.name}_progress"
-    if _same_path(progress_dir, job.out) or job.out.resolve() in progress_dir.resolve().parents:
+    if same_path(progress_dir, job.out) or job.out.resolve() in progress_dir.resolve().parents:
         raise click.BadParameter(f"{progress_dir} is inside the output folder {job.out}; name another folder",
                                  param_hint="--progress-dir")
     return progress_dir
@@ -295,10 +295,13 @@ def fuse_command(ctx: click.Context, ir: Optional[Path], vis: Optional[Path], ou
     try:
         if job.pair is not None:
             _check_single(job, cfg)
-            _fuse_one(job, cfg, run, _progress_dir(job, None, outputs, cfg), montage=outputs["montage"])
+            progress_dir = _progress_dir(job, None, outputs, cfg)
+            _check_side_outputs(job, progress_dir, outputs["montage"])
+            _fuse_one(job, cfg, run, progress_dir, montage=outputs["montage"])
         else:
             pairing = _pair_folders(job)
             progress_dir = _progress_dir(job, pairing, outputs, cfg)
+            _check_side_outputs(job, progress_dir, outputs["montage"])
             extra = {"paper": bool(model["paper"]), "overwrite": bool(run["overwrite"])}
             ctx.exit(_fuse_folders(job, pairing, cfg, run, progress_dir, extra, montage=outputs["montage"]))
     except InputError as exc:
@@ -323,6 +326,22 @@ def _example(kind: str, mode: Optional[str], ir: Optional[Path], vis: Optional[P
 
 def _montage_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}_montage.png")
+
+
+def _montage_folder(out: Path) -> Path:
+    return out.parent / f"{out.name}_montage"
+
+
+def _check_side_outputs(job: Job, progress_dir: Optional[Path], montage: bool) -> None:
+    """--montage and --save-progress write beside OUT: neither may replace an input (before a model is loaded)."""
+    inputs = [job.pair.ir, job.pair.vis] if job.pair is not None else [job.ir_dir, job.vis_dir]
+    if montage:
+        if job.pair is not None:
+            opts.check_not_input(_montage_path(job.out), inputs, "--montage")
+        else:
+            opts.check_not_input(_montage_folder(job.out), inputs, "--montage", folder=True)
+    if progress_dir is not None:
+        opts.check_not_input(progress_dir, inputs, "--save-progress", folder=True)
 
 
 def _write_montages(records: list[dict[str, Any]], roles_: Roles, method: str, folder: Optional[Path],
@@ -441,8 +460,7 @@ def _folder_montages(doc: dict[str, Any], pairing: Pairing, job: Job, cfg: RunCo
     records = [{"stem": rec["stem"], r.ir: str(by_stem[rec["stem"]].ir), r.vis: str(by_stem[rec["stem"]].vis),
                 "output": rec["output"]} for rec in [*doc["done"], *doc["skipped"]] if rec["stem"] in by_stem]
     records.sort(key=lambda rec: rec["stem"])
-    _write_montages(records, r, _method(cfg, doc["settings"].get("num_steps")),
-                    job.out.parent / f"{job.out.name}_montage")
+    _write_montages(records, r, _method(cfg, doc["settings"].get("num_steps")), _montage_folder(job.out))
 
 
 def totals_line(doc: dict[str, Any], out: Path, ranks: Optional[int] = None) -> str:

@@ -31,7 +31,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import click
 from click.core import ParameterSource
@@ -392,7 +392,7 @@ class _SilentBar(NoBar):
     """The progress bar of ``--quiet``: shows nothing and writes nothing (failures are reported at the end)."""
 
     @staticmethod
-    def write(s: str) -> None:
+    def write(s: str, file: Any = None) -> None:
         pass
 
 
@@ -536,6 +536,17 @@ def check_writable(path: Path, what: str = "-o/--output", *, folder: bool = Fals
         raise click.ClickException(f"{what}: cannot write there: {problem}")
 
 
+def check_not_input(path: Path, inputs: Iterable[Optional[Path]], what: str, *, folder: bool = False) -> None:
+    """Fail now, naming the option, when writing ``path`` (a file; with ``folder``, files into that folder) would
+    replace one of the files or folders the command reads (:func:`ddfm_fast.outputs.replaced_input`)."""
+    from ddfm_fast import io, outputs
+
+    hit = outputs.replaced_input(path, [p for p in inputs if p is not None], folder=folder)
+    if hit is not None:
+        raise click.BadParameter(f"{io.display_name(path)} would replace the input {io.display_name(hit)}; "
+                                 "name another path", param_hint=what)
+
+
 def one_line(exc: BaseException) -> str:
     """An exception as one line: an ``OSError`` as ``FILE: what went wrong``, anything else with its type."""
     from ddfm_fast import io
@@ -554,7 +565,7 @@ def one_line(exc: BaseException) -> str:
 def one_line_errors() -> Iterator[None]:
     """Inside it, a file-system error (a write that fails mid-run: disk full, folder gone, read-only) or a
     library's ``InputError`` / ``PairError`` ends the command with one line naming the file (exit 1), not a
-    traceback. Use as ``with opts.one_line_errors():`` or the :func:`friendly_errors` decorator."""
+    traceback; a ``ConfigError`` found late is a usage error naming the flag (exit 2). Use as ``with opts.one_line_errors():`` or the :func:`friendly_errors` decorator."""
     from ddfm_fast.pairing import InputError
     from ddfm_fast.runner import PairError
 
@@ -562,6 +573,8 @@ def one_line_errors() -> Iterator[None]:
         yield
     except (InputError, PairError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except ConfigError as exc:  # found once the model is known (its default steps against --train-timesteps)
+        raise usage_error(exc) from exc
     except OSError as exc:
         raise click.ClickException(one_line(exc)) from exc
 

@@ -37,6 +37,12 @@ def report_command(results: Path, out: Path, max_pairs: int, decimals: int, metr
     from ddfm_fast.cli_eval import metric_list
     from ddfm_fast.report import ReportError, has_matplotlib, load_results, write_report
 
+    from ddfm_fast.cli_options import check_not_input, check_writable
+
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise click.BadParameter(f"{out}: the report is an HTML page; name it .html", param_hint="-o/--output")
+    check_writable(out)  # before the montages are drawn
+    check_not_input(out, [results], "-o/--output")
     shown = metric_list(metric_names)
     try:
         data = load_results(results)

@@ -70,18 +70,20 @@ def train_prior_command(data, out, steps, batch_size, crop, lr, warmup, ema_deca
                         checkpoint_every, max_minutes, default_steps, holdout_every, schedule_fraction, gamma_aug,
                         model_config, device, threads, resume, progress) -> None:
     """Train an unconditional epsilon-prediction DDPM prior on random crops of the images in --data."""
-    import torch
-
-    from ddfm_fast.cli_options import check_writable
+    from ddfm_fast.cli_options import check_not_input, check_writable, resolve_device
     from ddfm_fast.train import TrainSettings, command_line, train_prior
 
+    if Path(out).suffix != ".safetensors":
+        raise click.BadParameter(f"{out}: the prior is written as safetensors; name it .safetensors",
+                                 param_hint="--out")
     check_writable(Path(out), "--out")  # before hours of training, not after
+    check_not_input(Path(out), [Path(d) for d in data], "--out")
 
     settings = TrainSettings(
         data=[str(d) for d in data], out=str(out), steps=steps, batch_size=batch_size, crop=crop, lr=lr,
         warmup=warmup, ema_decay=ema_decay, seed=seed, gray=gray, vflip=vflip, checkpoint_every=checkpoint_every,
         max_minutes=max_minutes, default_steps=default_steps, model_args=_model_args(model_config),
-        device=device or ("cuda" if torch.cuda.is_available() else "cpu"), threads=threads, resume=resume,
+        device=str(resolve_device(device)), threads=threads, resume=resume,
         progress=progress, command=command_line(), holdout_every=holdout_every,
         schedule_fraction=schedule_fraction, gamma_aug=gamma_aug,
     )

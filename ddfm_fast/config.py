@@ -108,7 +108,7 @@ def _normalise_steps(steps: Optional[Respacing], prior: str,
     try:
         kept = space_timesteps(train_timesteps, value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"steps {steps!r}: {exc}") from None
+        raise ConfigError(f"steps {steps!r}: {exc} (the schedule has train_timesteps={train_timesteps})") from None
     if not kept:
         raise ConfigError(f"steps {steps!r} keeps no timestep")
     return value

@@ -16,6 +16,7 @@ What each metric rewards, and why SSIM can exceed 1, is in the repository's docs
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _stringio
 import json
@@ -69,7 +70,14 @@ def mean_of(rows: Rows, names: Iterable[str] = METRIC_NAMES) -> dict[str, float]
 def std_of(rows: Rows, names: Iterable[str] = METRIC_NAMES) -> dict[str, float]:
     """The spread of each metric over the rows: the population standard deviation (ddof = 0, numpy's default;
     0 for a single image), empty when there are no rows."""
-    return {k: float(np.std([r[k] for r in rows.values()])) for k in names} if rows else {}
+    with np.errstate(invalid="ignore"):  # an infinite value (PSNR of a black image) has no spread: nan, silently
+        return {k: float(np.std([r[k] for r in rows.values()])) for k in names} if rows else {}
+
+
+def flat_images(rows: Rows) -> list[str]:
+    """The images whose fused picture is a single grey level (SD 0): every metric of theirs is degenerate (the
+    evaluator's PSNR of an all-black image is -inf), and a fusion that produced one is broken."""
+    return [stem for stem, r in rows.items() if r.get("SD") == 0]
 
 
 # ----------------------------------------------------------------------------------------------------- eval
@@ -174,6 +182,9 @@ def parse_methods(specs: Iterable[str]) -> list[Method]:
     methods: list[Method] = []
     for spec in specs:
         path = Path(spec)
+        if not spec.strip() or (spec.split("=", 1)[-1].strip() == "" and "=" in spec):
+            # Path("") is the current folder: an empty folder part is a typo, never a request to score "."
+            raise MethodSpecError(f"{spec!r}: no folder given; write NAME=DIR")
         if path.is_dir():
             name = path.resolve().name or str(path)
         elif "=" in spec:
@@ -343,9 +354,21 @@ def dump_json(doc: Any) -> str:
 
 def write_text(dest: Path, text: str) -> Path:
     """Write a text file atomically (temporary file beside it, then one rename)."""
-    with atomic_path(dest) as tmp:
-        tmp.write_text(text, encoding="utf-8", newline="")
-    return Path(dest)
+    return write_texts({Path(dest): text})[0]
+
+
+def write_texts(files: Mapping[Path, str]) -> list[Path]:
+    """Write text files as one set: each to a temporary name beside it first, and only when all are written are
+    they renamed, so a failure (a full disk) changes none of them. The ``OSError`` names the file, not its
+    temporary name."""
+    with contextlib.ExitStack() as stack:
+        for dest, text in files.items():
+            tmp = stack.enter_context(atomic_path(dest))
+            try:
+                tmp.write_text(text, encoding="utf-8", newline="")
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(dest)) from exc
+    return [Path(d) for d in files]
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]], columns: Iterable[str], fmt: str = "{:.4f}") -> str:

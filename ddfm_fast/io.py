@@ -198,7 +198,7 @@ def too_big(label: str, w: int, h: int, cap: int) -> ImageReadError:
     """The error for an image whose header is over the pixel cap."""
     return ImageReadError(
         f"{label}: its header says {w}x{h} = {w * h} pixels, more than ddfm-fast's cap of {cap} ({cap / 1e6:g} MP); "
-        f"nothing was decoded. If the image is real, raise the cap with {MAX_PIXELS_ENV}=N or max_pixels=N"
+        f"nothing was decoded. If the image is real, raise the cap with the environment variable {MAX_PIXELS_ENV}=N"
     )
 
 

@@ -95,6 +95,8 @@ def _font_size(width: int) -> int:
 def _wrap(draw: ImageDraw.ImageDraw, text: str, fnt, width: int) -> list[str]:
     """``text`` broken into lines (at spaces, else mid-word) that fit ``width`` pixels."""
     lines: list[str] = []
+    # A file name may hold a newline or a tab: shown as one visible mark, since a label line is one line.
+    text = "".join(c if c.isprintable() else "\ufffd" for c in text)
     for word in text.split(" "):
         cand = f"{lines[-1]} {word}" if lines else word
         if lines and draw.textlength(cand, font=fnt) <= width:

@@ -32,7 +32,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 
@@ -227,6 +227,35 @@ def output_problem(dest: Union[str, os.PathLike], *, folder: bool) -> Optional[s
             read_only = False
         why = "is on a read-only file system" if read_only else "is not writable (permission denied)"
         return f"{name}: {io.display_name(probe)} {why}"
+    return None
+
+
+def same_path(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
+    """True when ``a`` and ``b`` name one file or folder (links and ``..`` resolved); False when either cannot be
+    resolved."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def replaced_input(dest: Union[str, os.PathLike], inputs: Iterable[Union[str, os.PathLike]], *,
+                   folder: bool = False) -> Optional[Path]:
+    """The input that writing ``dest`` would replace, or None. Checked before anything is written, by every
+    command that writes beside what it reads (a montage, progress images, a report, weights, difference pictures).
+
+    ``inputs`` are files and folders the command reads. ``dest`` (a file; with ``folder``, a folder that files are
+    written into) replaces an input when it is that input, when it is an existing file inside an input folder,
+    or, with ``folder``, when an input file lies directly in it.
+    """
+    for src in inputs:
+        src = Path(src)
+        if same_path(dest, src):
+            return src
+        if src.is_dir() and not folder and os.path.lexists(dest) and same_path(Path(dest).parent, src):
+            return Path(dest)
+        if folder and src.is_file() and same_path(src.parent, dest):
+            return src
     return None
 
 

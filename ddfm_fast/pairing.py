@@ -145,7 +145,9 @@ def list_images(folder: Path, name: str) -> tuple[dict[str, list[Path]], list[Pa
     by_stem: dict[str, list[Path]] = {}
     ignored: list[Path] = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
+        # Sub-folders are not images; anything else named as an image (a broken or looping link, a FIFO) is paired
+        # and then fails its pair with a line naming the file, as a single pair does, instead of vanishing.
+        if path.name.startswith(".") or path.is_dir():
             continue
         if path.suffix.lower() in IMAGE_SUFFIXES:
             by_stem.setdefault(path.stem, []).append(path)

@@ -33,7 +33,9 @@ PROGRESS_STRIP = "progress_strip.png"
 STRIP_FRAMES = 8
 _FRAME = re.compile(r"^x0?_\d{4,}\.png$")
 
-BarFactory = Callable[..., Any]  # tqdm-like: factory(total=..., desc=..., unit=...) with update / close / write
+# tqdm-like: factory(total=..., desc=..., unit=...) with update / close / write(s, file=...); callers pass
+# file=sys.stderr to write, since tqdm's write goes to stdout by default and stdout carries --log-json's lines.
+BarFactory = Callable[..., Any]
 
 
 def progress_frame(x: torch.Tensor, out_hw: tuple[int, int]) -> np.ndarray:
@@ -128,8 +130,8 @@ class NoBar:
         pass
 
     @staticmethod
-    def write(s: str) -> None:
-        print(s, file=sys.stderr)
+    def write(s: str, file: Any = None) -> None:
+        print(s, file=sys.stderr if file is None else file)
 
 
 def step_callback(recorder: Optional[ProgressRecorder], steps: Any) -> Optional[Callable[[StepOutput], None]]:

@@ -98,7 +98,7 @@ def load_results(path: str | Path) -> ReportData:
         else:
             raise ReportError(f"{path}: neither an eval results file (no 'methods') nor a score result "
                               "(no 'dataset')")
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field of the wrong JSON type
         if isinstance(exc, ReportError):
             raise
         raise ReportError(f"{path}: not a results file of this version of ddfm-fast ({type(exc).__name__}: "

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 OutputKind = Literal["gray", "color", "png16", "npy"]
 OUTPUT_KINDS: tuple[str, ...] = ("gray", "color", "png16", "npy")
 RESIZES = (None, "ir", "vis")
+# Less than one grey level of 0..255 on the [-1, 1] scale the fused luminance has before the official stretch.
+FLAT_SPAN = 2.0 / 255.0
 FLOAT_ROUNDING_ONLY = {"affects_output": False}  # RunConfig field metadata: excluded from the resume check
 Event = Callable[[dict[str, Any]], None]
 
@@ -179,6 +182,9 @@ class RunConfig:
             raise ConfigError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.sampler.prior == "none" and self.checkpoint is not None:
             raise ConfigError("checkpoint is not used with prior='none': EM only (the paper's ablation I) has no model")
+        if self.model_config is not None and self.checkpoint is None:
+            raise ConfigError("model_config describes a checkpoint's architecture, but no checkpoint is given "
+                              f"({'EM only has no model' if self.sampler.prior == 'none' else 'the shipped prior has no config'})")
 
     @property
     def roles(self) -> Roles:
@@ -370,8 +376,17 @@ def write_result(result: FusionResult, item: ReadPair, dest: Path, run: RunConfi
                               "size": [result.size[1], result.size[0]], "seconds": round(seconds, 4)}
     if item.resized:
         record["resized"] = item.resized
+    notes = []
     if run.output == "color" and item.color_source is not None and not io.has_chroma(item.color_source):
-        record["note"] = "the colour source is gray, so the colour output is gray"
+        notes.append("the colour source is gray, so the colour output is gray")
+    span = float(result.luma.max() - result.luma.min()) if result.luma.size else 0.0
+    if span < FLAT_SPAN:
+        # The official output stretches min..max to 0..255: a fusion of flat inputs becomes stretched noise (or
+        # black when it is exactly flat), which is the official result but not a picture of anything.
+        notes.append(f"the fused luminance spans {span * 127.5:.2g} grey levels before the official min-max "
+                     "stretch to 0..255, so the output shows magnified noise (or is black): are the inputs flat?")
+    if notes:
+        record["note"] = "; ".join(notes)
 
     def commit(printed: outputs.Fingerprint) -> None:
         record.update(**({"settings": settings} if settings is not None else {}),
@@ -601,7 +616,7 @@ class _FolderRun:
         record = {"stem": pair.stem, r.ir: str(pair.ir), r.vis: str(pair.vis), "reason": reason}
         self.summary.failed.append(record)
         self.finished += 1
-        self.progress.write(f"failed: {pair.stem}: {reason}")
+        self.progress.write(f"failed: {pair.stem}: {reason}", file=sys.stderr)  # tqdm's default is stdout
         self.event("failed", record)
         if isinstance(exc, OutputWriteError) and exc.fatal and self.stopped is None:
             self.stopped = reason
@@ -830,7 +845,7 @@ def run_folder(
             warnings_.append(lock_warning)
     summary.warnings = warnings_
     progress = (bar or _no_bar())(total=len(todo), desc="fuse", unit="img")
-    say = warn if warn is not None else (lambda m: progress.write(f"warning: {m}"))
+    say = warn if warn is not None else (lambda m: progress.write(f"warning: {m}", file=sys.stderr))
     for message in summary.warnings:
         say(message)
     if on_event is not None:

@@ -360,6 +360,19 @@ def _training_record(s: TrainSettings, step: int, losses: Sequence[float], secon
     }
 
 
+# What a resumed run may change: how long and where it trains, and how it reports. Every other setting shapes the
+# weights, so a resume with another value would record a model trained as it was not.
+RESUMABLE_CHANGES = frozenset({"out", "steps", "checkpoint_every", "max_minutes", "device", "threads", "resume",
+                               "progress", "command"})
+
+
+def training_identity(s: TrainSettings) -> dict[str, Any]:
+    """The settings a resume must keep (all but :data:`RESUMABLE_CHANGES`), data folders made absolute."""
+    d = {k: v for k, v in s.to_dict().items() if k not in RESUMABLE_CHANGES}
+    d["data"] = [str(Path(p).resolve()) for p in s.data]
+    return json.loads(json.dumps(d))
+
+
 def _save(ema: UNetModel, model: UNetModel, opt: torch.optim.Optimizer, gen: torch.Generator, s: TrainSettings,
           step: int, losses: list[float], seconds: float, n_images: int, held_out: Sequence[str] = ()) -> None:
     if step < 1:
@@ -375,6 +388,7 @@ def _save(ema: UNetModel, model: UNetModel, opt: torch.optim.Optimizer, gen: tor
         "optimizer": opt.state_dict(),
         "rng": gen.get_state(),
         "config": json.dumps(model.config.to_dict()),
+        "settings": json.dumps(training_identity(s)),
     }
     path = state_path(s.out)
     tmp = path.with_name(path.name + ".tmp")
@@ -422,7 +436,7 @@ def train_prior(s: TrainSettings, *, log: Callable[[str], None] = print) -> Path
 
     resume_file = state_path(s.out)
     if s.resume and resume_file.is_file():
-        step, seconds, losses = _resume(resume_file, model, ema, opt, gen, device)
+        step, seconds, losses = _resume(resume_file, model, ema, opt, gen, device, training_identity(s))
         log(f"resumed from {resume_file} at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters, {json.dumps(model.config.to_dict())}")
@@ -468,17 +482,28 @@ def train_prior(s: TrainSettings, *, log: Callable[[str], None] = print) -> Path
 
 
 def _resume(path: Path, model: UNetModel, ema: UNetModel, opt: torch.optim.Optimizer, gen: torch.Generator,
-            device: torch.device) -> tuple[int, float, list[float]]:
-    """Load a resume state into the given objects; any unreadable or mismatched file is one ``ValueError``."""
+            device: torch.device, identity: dict[str, Any]) -> tuple[int, float, list[float]]:
+    """Load a resume state into the given objects; any unreadable or mismatched file is one ``ValueError``, and
+    so is a state trained with other settings (``identity``: :func:`training_identity`), naming them."""
     hint = "delete it or use --no-resume to start afresh"
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         config = json.loads(state["config"])
+        saved = json.loads(state["settings"]) if "settings" in state else None
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path}: cannot read the resume state (truncated or corrupt: {first}); {hint}") from exc
     if config != model.config.to_dict():
         raise ValueError(f"{path}: saved for another architecture; {hint}")
+    if saved is None:
+        raise ValueError(f"{path}: the resume state does not record the settings it was trained with, so a resume "
+                         f"cannot be checked against them; {hint}")
+    changed = [f"{k} {saved.get(k)!r} -> {identity.get(k)!r}" for k in sorted(set(saved) | set(identity))
+               if saved.get(k) != identity.get(k)]
+    if changed:
+        raise ValueError(f"{path}: trained with other settings ({'; '.join(changed)}); only --steps, "
+                         f"--max-minutes, --checkpoint-every, --device and --threads may change on resume; {hint}, "
+                         "or write to another --out")
     try:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])

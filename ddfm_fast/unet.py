@@ -183,7 +183,13 @@ class UNetConfig:
         unknown = set(args) - set(_CREATE_MODEL_DEFAULTS) - set(_CREATE_MODEL_REQUIRED)
         unknown -= set(_CREATE_MODEL_EXTENSIONS)
         if unknown:
-            raise ValueError(f"unknown create_model argument(s): {sorted(unknown)}")
+            # The config's own field names (what a checkpoint's metadata and train-prior's "model:" line show)
+            # are not create_model's: say which name to use.
+            renamed = {"model_channels": "num_channels", "out_channels": "learn_sigma"}
+            hints = [f"{k} is {renamed[k]} here" for k in sorted(unknown) if k in renamed]
+            known = sorted({*_CREATE_MODEL_REQUIRED, *_CREATE_MODEL_DEFAULTS, *_CREATE_MODEL_EXTENSIONS} - {"model_path"})
+            raise ValueError(f"unknown create_model argument(s): {sorted(unknown)}"
+                             + (f" ({'; '.join(hints)})" if hints else "") + f"; known: {', '.join(known)}")
         missing = [k for k in _CREATE_MODEL_REQUIRED if k not in args]
         if missing:
             raise ValueError(f"create_model argument(s) missing: {missing}")

@@ -232,12 +232,38 @@ def test_eval_nothing_scored_exits_nonzero(tmp_path: Path):
     (tmp_path / "fused" / "y.png").write_bytes(b"broken")
     _save(tmp_path / "ir" / "y.png", _img(2))
     _save(tmp_path / "vi" / "y.png", _img(3))
+    (tmp_path / "r.json").write_text('{"earlier": "results"}')  # a good result of an earlier run stays
     r = _run(["eval", "--fused", str(tmp_path / "fused"), "--ir-dir", str(tmp_path / "ir"),
               "--vis-dir", str(tmp_path / "vi"), "-o", str(tmp_path / "r")])
     assert r.exit_code == 1
     assert "x: size mismatch" in r.stderr and "y:" in r.stderr and "y.png" in r.stderr
-    doc = json.loads((tmp_path / "r.json").read_text())["methods"]["fused"]
-    assert doc["count"] == 0 and len(doc["skipped"]) == 2
+    assert "nothing written" in r.stderr
+    assert json.loads((tmp_path / "r.json").read_text()) == {"earlier": "results"}
+    assert not (tmp_path / "r.csv").exists() and not (tmp_path / "r_summary.csv").exists()
+
+
+def test_eval_results_are_written_as_one_set(tmp_path: Path, monkeypatch):
+    """A failure writing any of the result files (a full disk) changes none of them, and names the file."""
+    import errno
+
+    fused, ir, vi = tmp_path / "fused", tmp_path / "ir", tmp_path / "vi"
+    for d, seed in ((fused, 1), (ir, 2), (vi, 3)):
+        _save(d / "x.png", _img(seed))
+    for name in ("r.csv", "r_summary.csv", "r.json"):
+        (tmp_path / name).write_text("earlier")
+    real = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if self.name.startswith(".r.") and self.name.endswith(".json.part"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    r = _run(["eval", "--fused", str(fused), "--ir-dir", str(ir), "--vis-dir", str(vi), "-o", str(tmp_path / "r")])
+    assert r.exit_code == 1 and "r.json: No space left on device" in r.stderr, r.stderr
+    for name in ("r.csv", "r_summary.csv", "r.json"):
+        assert (tmp_path / name).read_text() == "earlier", name
+    assert not list(tmp_path.glob(".*.part"))
 
 
 def _two_sets(tmp_path: Path) -> tuple[Path, Path]:

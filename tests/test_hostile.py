@@ -631,3 +631,173 @@ def test_a_folder_pair_of_different_sizes_is_refused_from_the_headers(tmp_path: 
     reasons = {f["stem"]: f["reason"] for f in summary(out)["failed"]}
     assert "differ in size" in reasons["big"] and "12000x12000" in reasons["big"]
     assert "big.png" not in decoded and "g.png" in decoded
+
+
+# --------------------------------------------------------------------------------------------------- outputs on inputs
+
+
+def _digest(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_no_command_writes_over_what_it_reads(tmp_path: Path, pair, no_compute) -> None:
+    """Every file a command writes beside its main output (a montage, progress images, difference pictures, a
+    report, trained weights) is checked against the inputs before anything runs: one line naming the option, and
+    every input byte for byte as it was."""
+    ir, vis = pair
+    kept = {p: _digest(p) for p in (ir, vis)}
+    # fuse --montage: OUT-stem_montage.png next to OUT is the infrared input.
+    montage_in = tmp_path / "in" / "f_montage.png"
+    image(montage_in, 5)
+    kept[montage_in] = _digest(montage_in)
+    res = fuse(montage_in, vis, "-o", tmp_path / "in" / "f.png", *EM, "--montage")
+    assert res.exit_code == 2 and "--montage" in res.output and "would replace the input" in res.output, res.output
+    # Folder runs: OUTDIR_montage/ is the infrared folder.
+    ins = folders(tmp_path / "d")
+    run_montage = tmp_path / "run_montage"
+    (tmp_path / "d" / "ir").rename(run_montage)
+    ins[1] = str(run_montage)
+    kept.update({p: _digest(p) for p in run_montage.iterdir()})
+    res = fuse(*ins, "-o", tmp_path / "run", *EM, "--montage")
+    assert res.exit_code == 2 and "--montage" in res.output, res.output
+    # compare: -o on an image of DIR1, --diff-dir equal to DIR1.
+    d1, d2 = tmp_path / "c1", tmp_path / "c2"
+    for d, seed in ((d1, 7), (d2, 8)):
+        image(d / "p.png", seed)
+    kept.update({d1 / "p.png": _digest(d1 / "p.png")})
+    for args, what in ((["-o", d1 / "p.png"], "-o/--out"), (["--diff-dir", d1], "--diff-dir")):
+        res = run("compare", d1, d2, *args)
+        assert res.exit_code == 2 and what in res.output and "would replace" in res.output, res.output
+    # report: -o onto its own results file, or a name that is not a page.
+    results = tmp_path / "res.json"
+    results.write_text("{}")
+    kept[results] = _digest(results)
+    res = run("report", results, "-o", results)
+    assert res.exit_code == 2 and "HTML" in res.output or "would replace" in res.output, res.output
+    res = run("report", results, "-o", tmp_path / "page.png")
+    assert res.exit_code == 2 and "name it .html" in res.output, res.output
+    # train-prior: weights named as an image of --data.
+    res = run("train-prior", "--data", tmp_path / "in", "--out", ir, "--steps", "1")
+    assert res.exit_code == 2 and "name it .safetensors" in res.output, res.output
+    for path, data in kept.items():
+        assert _digest(path) == data, f"{path} was changed"
+
+
+def test_save_progress_cannot_replace_the_inputs(tmp_path: Path, pair, no_compute) -> None:
+    ir, vis = pair
+    progress = tmp_path / "in"  # the inputs' own folder
+    res = fuse(ir, vis, "-o", tmp_path / "f.png", "--steps", "2", "--save-progress", "--progress-dir", progress)
+    assert res.exit_code == 2 and "--save-progress" in res.output and "would replace" in res.output, res.output
+
+
+def test_failures_never_reach_stdout(tmp_path: Path) -> None:
+    """stdout carries --log-json's objects (or nothing): a live failure line goes to stderr like every other."""
+    ins = folders(tmp_path)
+    (tmp_path / "ir/c.png").write_bytes(b"broken")
+    for extra in ([], ["--log-json"]):
+        out = tmp_path / f"out{len(extra)}"
+        res = fuse(*ins, "-o", out, *EM, *extra)
+        assert res.exit_code == 3
+        assert "failed: c:" in res.stderr
+        if extra:
+            assert all(json.loads(line) for line in res.stdout.splitlines())
+        else:
+            assert "failed" not in res.stdout, res.stdout
+
+
+def test_links_that_lead_nowhere_fail_their_pair_by_name(tmp_path: Path) -> None:
+    ins = folders(tmp_path, "ab")
+    (tmp_path / "ir/a.png").unlink()
+    (tmp_path / "ir/a.png").symlink_to(tmp_path / "nowhere.png")
+    res = fuse(*ins, "-o", tmp_path / "out", *EM)
+    assert res.exit_code == 3, res.output
+    assert "failed: a:" in res.stderr and "broken symbolic link" in res.stderr and "unpaired:" not in res.stderr
+
+
+def test_eval_with_an_empty_folder_part_is_refused(tmp_path: Path) -> None:
+    ins = folders(tmp_path, "a")
+    for spec in ("X=", "", "X= "):
+        res = run("eval", "--fused", spec, *ins)
+        assert res.exit_code == 2 and "no folder given" in res.output, (spec, res.output)
+
+
+def test_model_config_without_a_checkpoint_is_refused(tmp_path: Path, pair, no_compute) -> None:
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text("{}")
+    for extra in ([], ["--prior", "none"]):
+        res = fuse(*pair, "-o", tmp_path / "f.png", "--model-config", cfg, *extra)
+        assert res.exit_code == 2 and "--model-config" in res.output and "no checkpoint" in res.output, res.output
+
+
+def test_an_image_fused_with_itself_is_said(tmp_path: Path, pair) -> None:
+    ir, _ = pair
+    res = fuse(ir, ir, "-o", tmp_path / "f.png", *EM)
+    assert res.exit_code == 0 and "fused with itself" in res.stderr
+    ins = folders(tmp_path, "a")
+    res = fuse("--ir-dir", ins[1], "--vis-dir", ins[1], "-o", tmp_path / "out", *EM)
+    assert res.exit_code == 0 and "fused with itself" in res.stderr
+
+
+def test_fusion_result_save_writes_the_format_its_name_asks_for(tmp_path: Path, pair) -> None:
+    import ddfm_fast
+
+    res = ddfm_fast.fuse(*pair, prior="none", steps=2)
+    for name, pil_format in (("f.png", "PNG"), ("f.jpg", "JPEG"), ("f.tif", "TIFF"), ("f.bmp", "BMP")):
+        with Image.open(res.save(tmp_path / name)) as img:
+            assert img.format == pil_format and img.size == res.size[::-1]
+    raw = np.load(res.save(tmp_path / "f.npy"), allow_pickle=False)
+    assert raw.dtype == np.float32 and raw.shape == res.size
+    for bad, words in ((tmp_path / "f.gif", "not an output format"), (tmp_path / "noext", "no extension"),
+                       (tmp_path, "is a folder"), (tmp_path / "f.png" / "x.png", "is a file")):
+        with pytest.raises(ValueError, match=words):
+            res.save(bad)
+
+
+def test_flat_inputs_are_said_not_passed_off_as_a_picture(tmp_path: Path) -> None:
+    flat = tmp_path / "flat.png"
+    Image.fromarray(np.full((H, W), 7, np.uint8)).save(flat)
+    res = fuse(flat, flat, "-o", tmp_path / "f.png", *EM)
+    assert res.exit_code == 0 and "are the inputs flat?" in res.stderr, res.stderr
+
+
+def test_eval_names_fused_images_of_one_grey_level(tmp_path: Path) -> None:
+    size = (80, 70)  # VIF's pyramid needs 65 px
+    for d, seed in (("ir", 1), ("vis", 2), ("f", 3)):
+        image(tmp_path / d / "a.png", seed, size)
+        image(tmp_path / d / "b.png", seed + 10, size)
+    Image.fromarray(np.zeros(size[::-1], np.uint8)).save(tmp_path / "f" / "b.png")
+    res = run("eval", "--fused", tmp_path / "f", "--ir-dir", tmp_path / "ir", "--vis-dir", tmp_path / "vis")
+    assert res.exit_code == 0 and "1 fused image(s) are one grey level" in res.stderr and ": b" in res.stderr
+    assert "RuntimeWarning" not in res.output
+
+
+def test_odd_file_names_and_json_fields_stay_one_line(tmp_path: Path) -> None:
+    from ddfm_fast.montage import label_band
+    from ddfm_fast.report import ReportError, load_results
+    from ddfm_fast.unet import UNetConfig
+
+    assert label_band("two\nlines\tand a tab", 120).height == label_band("one line", 120).height
+    bad = tmp_path / "r.json"
+    bad.write_text(json.dumps({"methods": None}))
+    with pytest.raises(ReportError, match="not a results file"):
+        load_results(bad)
+    with pytest.raises(ValueError, match="model_channels is num_channels here"):
+        UNetConfig.from_create_model_args({"model_channels": 16, "image_size": 32, "num_res_blocks": 1})
+
+
+def test_saved_weights_get_the_usual_file_permissions(tmp_path: Path) -> None:
+    import stat as stat_
+
+    from ddfm_fast.checkpoint import save_safetensors
+    from ddfm_fast.unet import UNetConfig, UNetModel
+
+    net = UNetModel(UNetConfig.from_create_model_args(dict(image_size=16, num_channels=8, num_res_blocks=1,
+                                                           channel_mult="1", attention_resolutions="",
+                                                           norm_groups=8)))
+    umask = os.umask(0o022)
+    try:
+        path = save_safetensors(net, tmp_path / "w.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat_.S_IMODE(path.stat().st_mode) == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name != "w.safetensors"]

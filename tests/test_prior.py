@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -141,6 +143,28 @@ def test_resume_refuses_another_architecture(image_folder: Path, tmp_path: Path)
     other.model_args = {**TINY_ARGS, "num_channels": 8}
     with pytest.raises(ValueError, match="another architecture"):
         train_prior(other, log=lambda m: None)
+
+
+def test_resume_refuses_other_training_settings(image_folder: Path, tmp_path: Path) -> None:
+    """A resumed run may train longer, not otherwise: another crop, learning rate, seed or data would be recorded
+    as if the whole model had been trained with them."""
+    out = tmp_path / "p.safetensors"
+    train_prior(_settings(image_folder, out, steps=1), log=lambda m: None)
+    other_data = tmp_path / "other"
+    shutil.copytree(image_folder, other_data)
+    for change, words in ((dict(lr=2e-3), "lr 0.001 -> 0.002"), (dict(seed=5), "seed 0 -> 5"),
+                          (dict(data=[str(other_data)]), "data [")):
+        s = _settings(image_folder, out, steps=2)
+        for k, v in change.items():
+            setattr(s, k, v)
+        with pytest.raises(ValueError, match=re.escape(words)) as err:
+            train_prior(s, log=lambda m: None)
+        assert "--no-resume" in str(err.value)
+    assert read_training_record(out)["steps_done"] == 1  # nothing was trained or saved by the refused runs
+    ok = _settings(image_folder, out, steps=2)
+    ok.threads, ok.checkpoint_every = 1, 0
+    train_prior(ok, log=lambda m: None)
+    assert read_training_record(out)["steps_done"] == 2
 
 
 def test_crop_must_fit_the_downsample_factor(image_folder: Path, tmp_path: Path) -> None:
