@@ -59,8 +59,9 @@ class FusionResult:
         return self.color if self.color is not None else self.fused
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Write :attr:`image` in the format ``path``'s extension names (.png, .tif, .jpg, .bmp), or :attr:`luma`
-        for ``.npy`` (the raw float luminance), atomically. Raises :class:`ValueError` naming the path for an
+        """Write :attr:`image` in the format ``path``'s extension names (.png, .tif, .jpg, .bmp), or for ``.npy``
+        the unstretched luminance in the input scale, ``(luma + 1) / 2`` float32 (what ``fuse --raw`` writes),
+        atomically. Raises :class:`ValueError` naming the path for an
         extension that is not an output format, or a path that cannot be written (a folder, a file in the way)."""
         from ddfm_fast import outputs
 
@@ -68,7 +69,7 @@ class FusionResult:
         if problem:
             raise ValueError(f"cannot write there: {problem}")
         fmt = outputs.format_of(path)
-        outputs.write_output(self.luma.astype(np.float32) if fmt == "npy" else self.image, path, fmt)
+        outputs.write_output(io.luma_to_unit(self.luma) if fmt == "npy" else self.image, path, fmt)
         return Path(path)
 
 

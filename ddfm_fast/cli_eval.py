@@ -260,14 +260,17 @@ def compare_command(dir1: Path, dir2: Path, out: Optional[Path], diff_dir: Optio
     """
     if out is not None:
         opts.check_writable(out, "-o/--out")
-        opts.check_not_input(out, (dir1, dir2), "-o/--out")
     if diff_dir is not None:
         opts.check_writable(diff_dir, "--diff-dir", folder=True)
-        opts.check_not_input(diff_dir, (dir1, dir2), "--diff-dir", folder=True)
     try:
         pairing = pair_by_stem({"DIR1": dir1, "DIR2": dir2})
     except InputError as exc:
         raise click.ClickException(str(exc)) from exc
+    compared = [f for p in pairing.pairs for f in p.files.values()]
+    if out is not None:
+        opts.check_not_input([out], compared, "-o/--out")
+    if diff_dir is not None:  # a difference picture is <stem>.png, for some of the pairs
+        opts.check_not_input([diff_dir / f"{p.stem}.png" for p in pairing.pairs], compared, "--diff-dir")
     rows, not_compared = ev.measure(pairing.pairs, lambda f: ev.compare_images(f["DIR1"], f["DIR2"]),
                                     wrap=_bar("compare"))
     skipped = sorted(ev.skipped_of(pairing) + not_compared, key=lambda s: s.image)

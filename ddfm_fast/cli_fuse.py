@@ -296,12 +296,12 @@ def fuse_command(ctx: click.Context, ir: Optional[Path], vis: Optional[Path], ou
         if job.pair is not None:
             _check_single(job, cfg)
             progress_dir = _progress_dir(job, None, outputs, cfg)
-            _check_side_outputs(job, progress_dir, outputs["montage"])
+            _check_side_outputs(job, None, progress_dir, outputs["montage"], _progress_flag(outputs))
             _fuse_one(job, cfg, run, progress_dir, montage=outputs["montage"])
         else:
             pairing = _pair_folders(job)
             progress_dir = _progress_dir(job, pairing, outputs, cfg)
-            _check_side_outputs(job, progress_dir, outputs["montage"])
+            _check_side_outputs(job, pairing, progress_dir, outputs["montage"], _progress_flag(outputs))
             extra = {"paper": bool(model["paper"]), "overwrite": bool(run["overwrite"])}
             ctx.exit(_fuse_folders(job, pairing, cfg, run, progress_dir, extra, montage=outputs["montage"]))
     except InputError as exc:
@@ -328,20 +328,29 @@ def _montage_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}_montage.png")
 
 
+def _progress_flag(o: dict[str, Any]) -> str:
+    return "--progress-dir" if o.get("progress_dir") else "--save-progress"
+
+
 def _montage_folder(out: Path) -> Path:
     return out.parent / f"{out.name}_montage"
 
 
-def _check_side_outputs(job: Job, progress_dir: Optional[Path], montage: bool) -> None:
+def _check_side_outputs(job: Job, pairing: Optional[Pairing], progress_dir: Optional[Path], montage: bool,
+                        progress_flag: str) -> None:
     """--montage and --save-progress write beside OUT: neither may replace an input (before a model is loaded)."""
-    inputs = [job.pair.ir, job.pair.vis] if job.pair is not None else [job.ir_dir, job.vis_dir]
+    from ddfm_fast.progress import is_progress_file
+
+    pairs = [job.pair] if job.pair is not None else list(pairing.pairs if pairing is not None else [])
+    inputs = [path for p in pairs for path in (p.ir, p.vis)]
     if montage:
-        if job.pair is not None:
-            opts.check_not_input(_montage_path(job.out), inputs, "--montage")
-        else:
-            opts.check_not_input(_montage_folder(job.out), inputs, "--montage", folder=True)
+        dests = ([_montage_path(job.out)] if job.pair is not None
+                 else [_montage_folder(job.out) / f"{p.stem}.png" for p in pairs])
+        opts.check_not_input(dests, inputs, "--montage")
     if progress_dir is not None:
-        opts.check_not_input(progress_dir, inputs, "--save-progress", folder=True)
+        # The recorder writes (and clears from an earlier run) only its own frame names in that folder.
+        opts.check_not_input([progress_dir / p.name for p in inputs if is_progress_file(p.name)], inputs,
+                             progress_flag)
 
 
 def _write_montages(records: list[dict[str, Any]], roles_: Roles, method: str, folder: Optional[Path],

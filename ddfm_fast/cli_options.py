@@ -536,14 +536,16 @@ def check_writable(path: Path, what: str = "-o/--output", *, folder: bool = Fals
         raise click.ClickException(f"{what}: cannot write there: {problem}")
 
 
-def check_not_input(path: Path, inputs: Iterable[Optional[Path]], what: str, *, folder: bool = False) -> None:
-    """Fail now, naming the option, when writing ``path`` (a file; with ``folder``, files into that folder) would
-    replace one of the files or folders the command reads (:func:`ddfm_fast.outputs.replaced_input`)."""
+def check_not_input(dests: Iterable[Path], inputs: Iterable[Path], what: str) -> None:
+    """Fail now, naming the option, when one of the files a command will write (``dests``) is one of the files
+    it reads (``inputs``): :func:`ddfm_fast.outputs.replaced_input`."""
     from ddfm_fast import io, outputs
 
-    hit = outputs.replaced_input(path, [p for p in inputs if p is not None], folder=folder)
+    hit = outputs.replaced_input(dests, inputs)
     if hit is not None:
-        raise click.BadParameter(f"{io.display_name(path)} would replace the input {io.display_name(hit)}; "
+        dest, src = hit
+        also = "" if dest == src else f" ({io.display_name(src)})"
+        raise click.BadParameter(f"{io.display_name(dest)} is one of the inputs{also}: it would be replaced; "
                                  "name another path", param_hint=what)
 
 

@@ -42,7 +42,7 @@ def report_command(results: Path, out: Path, max_pairs: int, decimals: int, metr
     if out.suffix.lower() not in (".html", ".htm"):
         raise click.BadParameter(f"{out}: the report is an HTML page; name it .html", param_hint="-o/--output")
     check_writable(out)  # before the montages are drawn
-    check_not_input(out, [results], "-o/--output")
+    check_not_input([out], [results / "scores.json" if results.is_dir() else results], "-o/--output")
     shown = metric_list(metric_names)
     try:
         data = load_results(results)

@@ -70,14 +70,13 @@ def train_prior_command(data, out, steps, batch_size, crop, lr, warmup, ema_deca
                         checkpoint_every, max_minutes, default_steps, holdout_every, schedule_fraction, gamma_aug,
                         model_config, device, threads, resume, progress) -> None:
     """Train an unconditional epsilon-prediction DDPM prior on random crops of the images in --data."""
-    from ddfm_fast.cli_options import check_not_input, check_writable, resolve_device
+    from ddfm_fast.cli_options import check_writable, resolve_device
     from ddfm_fast.train import TrainSettings, command_line, train_prior
 
-    if Path(out).suffix != ".safetensors":
+    if Path(out).suffix != ".safetensors":  # which also keeps it from replacing a training image
         raise click.BadParameter(f"{out}: the prior is written as safetensors; name it .safetensors",
                                  param_hint="--out")
     check_writable(Path(out), "--out")  # before hours of training, not after
-    check_not_input(Path(out), [Path(d) for d in data], "--out")
 
     settings = TrainSettings(
         data=[str(d) for d in data], out=str(out), steps=steps, batch_size=batch_size, crop=crop, lr=lr,

@@ -239,23 +239,26 @@ def same_path(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
         return False
 
 
-def replaced_input(dest: Union[str, os.PathLike], inputs: Iterable[Union[str, os.PathLike]], *,
-                   folder: bool = False) -> Optional[Path]:
-    """The input that writing ``dest`` would replace, or None. Checked before anything is written, by every
-    command that writes beside what it reads (a montage, progress images, a report, weights, difference pictures).
-
-    ``inputs`` are files and folders the command reads. ``dest`` (a file; with ``folder``, a folder that files are
-    written into) replaces an input when it is that input, when it is an existing file inside an input folder,
-    or, with ``folder``, when an input file lies directly in it.
-    """
+def replaced_input(dests: Iterable[Union[str, os.PathLike]],
+                   inputs: Iterable[Union[str, os.PathLike]]) -> Optional[tuple[Path, Path]]:
+    """``(dest, input)`` for the first file of ``dests`` (the files a command will write) that is one of
+    ``inputs`` (the files it reads), links and ``..`` resolved; None when none is. Checked before anything is
+    written by every command that writes beside what it reads (a montage, progress images, difference pictures,
+    a report): the callers name the concrete files on both sides, so a new file in an input folder, or a rerun
+    that writes its own earlier output again, is not taken for an input."""
+    read = {}
     for src in inputs:
-        src = Path(src)
-        if same_path(dest, src):
-            return src
-        if src.is_dir() and not folder and os.path.lexists(dest) and same_path(Path(dest).parent, src):
-            return Path(dest)
-        if folder and src.is_file() and same_path(src.parent, dest):
-            return src
+        try:
+            read[Path(src).resolve()] = Path(src)
+        except (OSError, RuntimeError):
+            continue
+    for dest in dests:
+        try:
+            hit = read.get(Path(dest).resolve())
+        except (OSError, RuntimeError):
+            continue
+        if hit is not None:
+            return Path(dest), hit
     return None
 
 

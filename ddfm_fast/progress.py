@@ -57,7 +57,7 @@ class ProgressRecorder:
             raise InputError(f"progress folder {self.folder}: exists and is not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         for old in self.folder.iterdir():  # frames of an earlier run (maybe with more steps) would mix in
-            if _FRAME.match(old.name) or old.name in (PROGRESS_GIF, PROGRESS_STRIP):
+            if is_progress_file(old.name):
                 old.unlink()
 
     def __call__(self, out: StepOutput) -> None:
@@ -93,6 +93,11 @@ def labelled_frame(frame: np.ndarray, text: str) -> np.ndarray:
     from ddfm_fast.montage import label_above
 
     return np.asarray(label_above(frame, text).convert("L"))
+
+
+def is_progress_file(name: str) -> bool:
+    """True for the names :class:`ProgressRecorder` writes in its folder (and removes from an earlier run)."""
+    return bool(_FRAME.match(name)) or name in (PROGRESS_GIF, PROGRESS_STRIP)
 
 
 def strip_indices(n: int, k: int = STRIP_FRAMES) -> list[int]:

@@ -54,7 +54,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
 from ddfm_fast import io
 from ddfm_fast.outputs import Fingerprint, fingerprint, readable_problem
@@ -76,7 +76,7 @@ def settings_digest(identity: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()[:16]
 
 
-def model_digest(model: "torch.nn.Module") -> str:
+def model_digest(model: "torch.nn.Module", *, with_config: bool = True) -> str:
     """What a model computes, as a short digest: its class, its ``extra_repr``, its ``config`` (a UNet's
     architecture) and every byte of its state dict.
 
@@ -93,7 +93,7 @@ def model_digest(model: "torch.nn.Module") -> str:
     # A UNet's architecture lives in its config (prediction type, heads, norms, ...), not in extra_repr: the same
     # weights under another config compute another output.
     config = getattr(model, "config", None)
-    if callable(getattr(config, "to_dict", None)):
+    if with_config and callable(getattr(config, "to_dict", None)):  # without: the digest of ddfm-fast <= 0.1.0's
         h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().reshape(-1).contiguous().cpu()
@@ -102,14 +102,15 @@ def model_digest(model: "torch.nn.Module") -> str:
     return h.hexdigest()[:16]
 
 
-# Identity fields present only when they matter (``runner.output_identity``), and the value their absence means.
-_ABSENT = {"batch_size": 1}
+# Identity fields present only when they matter (``runner.output_identity``), and what their absence means (an
+# identity of an earlier version lacks them too, whatever the value was).
+_ABSENT = {"batch_size": "1 (or not recorded by an earlier version)"}
 
 
 def settings_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
     """``["lamb 0.5 -> 0.25", "seed 3407 -> 1"]``: the fields that differ, sorted by name."""
-    value = lambda d, k: d.get(k, _ABSENT.get(k))  # noqa: E731
-    return [f"{k} {value(before, k)!r} -> {value(after, k)!r}" for k in sorted(set(before) | set(after))
+    value = lambda d, k: repr(d[k]) if k in d else _ABSENT.get(k, "None")  # noqa: E731
+    return [f"{k} {value(before, k)} -> {value(after, k)}" for k in sorted(set(before) | set(after))
             if before.get(k) != after.get(k)]
 
 
@@ -274,8 +275,9 @@ def _kind(st: os.stat_result) -> Optional[str]:
 
 
 def classify(dest: Path, inputs: Mapping[str, Path], candidates: list[dict[str, Any]], digest: str, fmt: str,
-             *, overwrite: bool = False) -> Verdict:
-    """The :class:`Verdict` for the existing file (if any) at ``dest``: see the module docstring's table."""
+             *, overwrite: bool = False, equivalent: Iterable[str] = ()) -> Verdict:
+    """The :class:`Verdict` for the existing file (if any) at ``dest``: see the module docstring's table.
+    ``equivalent`` are settings digests that an earlier version recorded for what ``digest`` now names."""
     name = io.display_name(dest)
     try:
         st = os.lstat(dest)
@@ -298,7 +300,7 @@ def classify(dest: Path, inputs: Mapping[str, Path], candidates: list[dict[str, 
             and r.get("output_bytes") == printed.bytes]
     if ours:
         rec = ours[-1]
-        if rec.get("settings") != digest:
+        if rec.get("settings") != digest and rec.get("settings") not in set(equivalent):
             return Verdict("settings", record=rec)
         try:
             now = input_fingerprints(inputs)

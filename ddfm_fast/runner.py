@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 OutputKind = Literal["gray", "color", "png16", "npy"]
 OUTPUT_KINDS: tuple[str, ...] = ("gray", "color", "png16", "npy")
 RESIZES = (None, "ir", "vis")
+# SamplerConfig fields EM-only fusion never reads: no noise, no x0 prediction to clip, no schedule.
+EM_ONLY_UNREAD = ("seed", "clip", "train_timesteps")
 # Less than one grey level of 0..255 on the [-1, 1] scale the fused luminance has before the official stretch.
 FLAT_SPAN = 2.0 / 255.0
 FLOAT_ROUNDING_ONLY = {"affects_output": False}  # RunConfig field metadata: excluded from the resume check
@@ -251,7 +253,7 @@ def output_identity(settings: dict[str, Any], plan: Optional[dict[str, Any]]) ->
         # EM only has no noise and no x0 prediction: the seed, the clip and the schedule length change nothing.
         # They are recorded at their defaults, so that an EM-only output is kept whatever they were set to.
         defaults = SamplerConfig().to_dict()
-        identity.update({k: defaults[k] for k in ("seed", "clip", "train_timesteps")})
+        identity.update({k: defaults[k] for k in EM_ONLY_UNREAD})
     identity["unet_dtype"] = plan.get("dtype") if plan and sampler.get("prior") != "none" else None
     return json.loads(json.dumps(identity))  # the types a summary gives back (lists, not tuples)
 
@@ -463,14 +465,18 @@ REDO_HINT = "rerun with --overwrite to redo them with these settings, or write t
 
 
 def plan_resume(pairs: Iterable[Pair], out_dir: Path, run: RunConfig, identity: dict[str, Any],
-                records: resume.FolderRecords, *, overwrite: bool = False, fold_case: bool = False) -> ResumePlan:
+                records: resume.FolderRecords, *, overwrite: bool = False, fold_case: bool = False,
+                equivalent: Iterable[str] = ()) -> ResumePlan:
     """Decide, per pair, what to do with its output path (:func:`ddfm_fast.resume.classify`).
 
     Raises :class:`StaleOutputsError` before anything is written when verified outputs were made with other
     settings (naming them), or when outputs exist but the summary that should vouch for them cannot be read.
     With ``fold_case`` (the output folder ignores case: macOS, Windows) a pair whose output name equals an
-    earlier pair's but for case fails, naming both, instead of overwriting it.
+    earlier pair's but for case fails, naming both, instead of overwriting it. ``equivalent`` are the settings
+    digests an earlier version recorded for this run's outputs (:func:`legacy_digests`); a record under one of
+    them is kept relabelled with this run's digest.
     """
+    equivalent = set(equivalent)
     out_dir = Path(out_dir)
     pairs = list(pairs)
     r = run.roles
@@ -496,13 +502,14 @@ def plan_resume(pairs: Iterable[Pair], out_dir: Path, run: RunConfig, identity: 
             plan.kept.pop(dest.name, None)  # a record of an output that is gone counts for nothing
             continue
         verdict = resume.classify(dest, {r.ir: pair.ir, r.vis: pair.vis}, records.candidates(dest.name), digest,
-                                  run.file_format, overwrite=overwrite)  # type: ignore[arg-type]
+                                  run.file_format, overwrite=overwrite,  # type: ignore[arg-type]
+                                  equivalent=equivalent)
         if verdict.status == "done":
             plan.skipped.append({"stem": pair.stem, "output": str(dest),
                                  "reason": "verified output of these settings and inputs (resume; --overwrite "
                                            "to redo)"})
             assert verdict.record is not None
-            plan.kept[dest.name] = verdict.record
+            plan.kept[dest.name] = {**verdict.record, "settings": digest}
         elif verdict.status == "settings":
             stale.append(verdict.record or {})
         elif verdict.status == "refuse":
@@ -533,6 +540,19 @@ def plan_resume(pairs: Iterable[Pair], out_dir: Path, run: RunConfig, identity: 
         raise StaleOutputsError(f"{out_dir} holds {len(stale)} output(s) made with other settings "
                                 f"({'; '.join(changes)}); {REDO_HINT}")
     return plan
+
+
+def legacy_digests(run: RunConfig, identity: dict[str, Any], model: Optional[nn.Module]) -> set[str]:
+    """The settings digests ddfm-fast 0.1.0 recorded for the outputs this run makes alike, so that its folders
+    resume: it recorded EM only's seed, clip and schedule length (which EM only does not read), and digested a
+    model without its config (:func:`ddfm_fast.resume.model_digest` ``with_config=False``)."""
+    found = set()
+    if run.sampler.prior == "none":
+        actual = run.sampler.to_dict()
+        found.add(resume.settings_digest({**identity, **{k: actual[k] for k in EM_ONLY_UNREAD}}))
+    elif model is not None and identity.get("model_digest") is not None and hasattr(model, "config"):
+        found.add(resume.settings_digest({**identity, "model_digest": resume.model_digest(model, with_config=False)}))
+    return found - {resume.settings_digest(identity)}
 
 
 def size_buckets(items: Iterable[ReadPair], batch_size: int) -> Iterator[list[ReadPair]]:
@@ -805,7 +825,9 @@ def run_folder(
                 own_lock.acquire()
             removed = resume.remove_stale_parts(out_dir)
             records = resume.load_records(out_dir, SUMMARY_NAME)
+            stale = any(rec.get("settings") != digest for rec in records.all_records().values())
             decided = plan_resume(pairing.pairs, out_dir, run, identity, records, overwrite=overwrite,
+                                  equivalent=legacy_digests(run, identity, model) if stale else (),
                                   fold_case=resume.case_insensitive(out_dir))
         except Exception as exc:  # noqa: BLE001 - raised below on every process (coord.agree), not only here
             error = exc

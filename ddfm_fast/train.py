@@ -496,8 +496,11 @@ def _resume(path: Path, model: UNetModel, ema: UNetModel, opt: torch.optim.Optim
     if config != model.config.to_dict():
         raise ValueError(f"{path}: saved for another architecture; {hint}")
     if saved is None:
-        raise ValueError(f"{path}: the resume state does not record the settings it was trained with, so a resume "
-                         f"cannot be checked against them; {hint}")
+        # A state of ddfm-fast 0.1.0: its settings are in the weights file's training record, with the data
+        # folders as they were typed (relative to a working directory nobody recorded), so those are not compared.
+        saved = _recorded_settings(path, hint)
+        identity = {k: v for k, v in identity.items() if k != "data"}
+        saved.pop("data", None)
     changed = [f"{k} {saved.get(k)!r} -> {identity.get(k)!r}" for k in sorted(set(saved) | set(identity))
                if saved.get(k) != identity.get(k)]
     if changed:
@@ -514,6 +517,19 @@ def _resume(path: Path, model: UNetModel, ema: UNetModel, opt: torch.optim.Optim
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path}: the resume state is incomplete or does not fit this model ({first}); "
                          f"{hint}") from exc
+
+
+def _recorded_settings(state: Path, hint: str) -> dict[str, Any]:
+    """The resumable settings of a 0.1.0 resume state, from the training record of the weights beside it."""
+    weights = state.with_name(state.name[: -len(".state.pt")]) if state.name.endswith(".state.pt") else None
+    try:
+        recorded = read_training_record(weights)["settings"] if weights is not None and weights.is_file() else None
+    except Exception:  # noqa: BLE001 - a damaged weights file: the state cannot be checked either way
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{state}: the resume state does not record the settings it was trained with (nor does a "
+                         f"weights file beside it), so a resume cannot be checked against them; {hint}")
+    return {k: v for k, v in json.loads(json.dumps(recorded)).items() if k not in RESUMABLE_CHANGES}
 
 
 def read_training_record(path: str | os.PathLike) -> dict[str, Any]:

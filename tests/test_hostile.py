@@ -651,7 +651,7 @@ def test_no_command_writes_over_what_it_reads(tmp_path: Path, pair, no_compute) 
     image(montage_in, 5)
     kept[montage_in] = _digest(montage_in)
     res = fuse(montage_in, vis, "-o", tmp_path / "in" / "f.png", *EM, "--montage")
-    assert res.exit_code == 2 and "--montage" in res.output and "would replace the input" in res.output, res.output
+    assert res.exit_code == 2 and "--montage" in res.output and "it would be replaced" in res.output, res.output
     # Folder runs: OUTDIR_montage/ is the infrared folder.
     ins = folders(tmp_path / "d")
     run_montage = tmp_path / "run_montage"
@@ -667,13 +667,13 @@ def test_no_command_writes_over_what_it_reads(tmp_path: Path, pair, no_compute) 
     kept.update({d1 / "p.png": _digest(d1 / "p.png")})
     for args, what in ((["-o", d1 / "p.png"], "-o/--out"), (["--diff-dir", d1], "--diff-dir")):
         res = run("compare", d1, d2, *args)
-        assert res.exit_code == 2 and what in res.output and "would replace" in res.output, res.output
+        assert res.exit_code == 2 and what in res.output and "it would be replaced" in res.output, res.output
     # report: -o onto its own results file, or a name that is not a page.
-    results = tmp_path / "res.json"
+    results = tmp_path / "res.html"
     results.write_text("{}")
     kept[results] = _digest(results)
     res = run("report", results, "-o", results)
-    assert res.exit_code == 2 and "HTML" in res.output or "would replace" in res.output, res.output
+    assert res.exit_code == 2 and "it would be replaced" in res.output, res.output
     res = run("report", results, "-o", tmp_path / "page.png")
     assert res.exit_code == 2 and "name it .html" in res.output, res.output
     # train-prior: weights named as an image of --data.
@@ -683,11 +683,30 @@ def test_no_command_writes_over_what_it_reads(tmp_path: Path, pair, no_compute) 
         assert _digest(path) == data, f"{path} was changed"
 
 
-def test_save_progress_cannot_replace_the_inputs(tmp_path: Path, pair, no_compute) -> None:
+def test_save_progress_cannot_replace_the_inputs(tmp_path: Path, pair) -> None:
+    """The progress folder may hold the inputs (its frames have names of their own), unless an input has one of
+    those names: the recorder would write over it (or clear it as an earlier run's frame)."""
     ir, vis = pair
-    progress = tmp_path / "in"  # the inputs' own folder
-    res = fuse(ir, vis, "-o", tmp_path / "f.png", "--steps", "2", "--save-progress", "--progress-dir", progress)
-    assert res.exit_code == 2 and "--save-progress" in res.output and "would replace" in res.output, res.output
+    frame_named = image(ir.parent / "x_0001.png", 9)
+    before = _digest(frame_named)
+    res = fuse(frame_named, vis, "-o", tmp_path / "f.png", "--steps", "2", "--save-progress", "--progress-dir",
+               ir.parent)
+    assert res.exit_code == 2 and "--progress-dir" in res.output and "it would be replaced" in res.output, res.output
+    assert _digest(frame_named) == before
+    frame_named.unlink()
+    kept = {p: _digest(p) for p in (ir, vis)}
+    res = fuse(ir, vis, "-o", tmp_path / "f.png", "--steps", "2", "--save-progress", "--progress-dir", ir.parent)
+    assert res.exit_code == 0, res.output
+    assert (ir.parent / "x_0000.png").exists() and all(_digest(p) == d for p, d in kept.items())
+
+
+def test_a_rerun_may_write_its_own_output_into_an_input_folder_again(tmp_path: Path) -> None:
+    d1, d2 = tmp_path / "c1", tmp_path / "c2"
+    for d, seed in ((d1, 7), (d2, 8)):
+        image(d / "p.png", seed)
+    for _ in range(2):
+        res = run("compare", d1, d2, "-o", d1 / "compare.json")
+        assert res.exit_code == 0, res.output
 
 
 def test_failures_never_reach_stdout(tmp_path: Path) -> None:
@@ -747,6 +766,9 @@ def test_fusion_result_save_writes_the_format_its_name_asks_for(tmp_path: Path, 
             assert img.format == pil_format and img.size == res.size[::-1]
     raw = np.load(res.save(tmp_path / "f.npy"), allow_pickle=False)
     assert raw.dtype == np.float32 and raw.shape == res.size
+    cli = tmp_path / "cli.npy"  # the same numbers as the command line's raw output
+    assert fuse(*pair, "-o", cli, "--raw", *EM).exit_code == 0
+    np.testing.assert_array_equal(raw, np.load(cli))
     for bad, words in ((tmp_path / "f.gif", "not an output format"), (tmp_path / "noext", "no extension"),
                        (tmp_path, "is a folder"), (tmp_path / "f.png" / "x.png", "is a file")):
         with pytest.raises(ValueError, match=words):

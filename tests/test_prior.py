@@ -167,6 +167,25 @@ def test_resume_refuses_other_training_settings(image_folder: Path, tmp_path: Pa
     assert read_training_record(out)["steps_done"] == 2
 
 
+def test_a_resume_state_of_0_1_0_is_checked_against_its_weights_record(image_folder: Path, tmp_path: Path) -> None:
+    """0.1.0 did not keep the settings in the resume state; the weights file beside it records them."""
+    out = tmp_path / "p.safetensors"
+    train_prior(_settings(image_folder, out, steps=1), log=lambda m: None)
+    state = torch.load(state_path(out), weights_only=True)
+    del state["settings"]
+    torch.save(state, state_path(out))
+    changed = _settings(image_folder, out, steps=2)
+    changed.seed = 9
+    with pytest.raises(ValueError, match="seed 0 -> 9"):
+        train_prior(changed, log=lambda m: None)
+    train_prior(_settings(image_folder, out, steps=2), log=lambda m: None)
+    assert read_training_record(out)["steps_done"] == 2
+    out.unlink()  # no record to check against: refused, not trusted
+    torch.save(state, state_path(out))
+    with pytest.raises(ValueError, match="does not record the settings"):
+        train_prior(_settings(image_folder, out, steps=3), log=lambda m: None)
+
+
 def test_crop_must_fit_the_downsample_factor(image_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="downsample factor"):
         build_model(TrainSettings(data=[str(image_folder)], out=str(tmp_path / "p.safetensors"), crop=15,

@@ -424,3 +424,43 @@ def test_settings_em_only_does_not_read_are_not_part_of_its_identity() -> None:
     assert RunConfig(sampler=em.replace(lamb=0.25)).identity(None) != base
     ddfm = SamplerConfig(steps=3)
     assert RunConfig(sampler=ddfm.replace(seed=1)).identity(None) != RunConfig(sampler=ddfm).identity(None)
+
+
+def test_folders_written_by_ddfm_fast_0_1_0_still_resume(tmp_path: Path) -> None:
+    """0.1.0 recorded EM only's unread seed / clip / schedule length and digested a UNet without its config: its
+    outputs of what this run makes alike are kept (and relabelled), not refused as other settings."""
+    from ddfm_fast.runner import legacy_digests
+    from ddfm_fast.unet import UNetConfig, UNetModel
+
+    out = tmp_path / "out"
+    out.mkdir()
+    pairs = [_pair_files(tmp_path, "a")]
+    em = RunConfig(sampler=SamplerConfig(prior="none", steps=2, seed=5))
+    identity = em.identity(None)
+    old = {**identity, "seed": 5}  # what 0.1.0 recorded
+    recs = [_write_with_record(pairs[0], out / "a.png", em, old)]
+    with pytest.raises(StaleOutputsError, match="seed 5 -> 3407"):
+        plan_resume(pairs, out, em, identity, _records(*recs, identity=old))
+    decided = plan_resume(pairs, out, em, identity, _records(*recs, identity=old),
+                          equivalent=legacy_digests(em, identity, None))
+    assert [s["stem"] for s in decided.skipped] == ["a"]
+    assert decided.kept["a.png"]["settings"] == resume.settings_digest(identity)  # relabelled
+    # A UNet: the same weights digested the 0.1.0 way.
+    net = UNetModel(UNetConfig.from_create_model_args(dict(image_size=16, num_channels=8, num_res_blocks=1,
+                                                           channel_mult="1", attention_resolutions="",
+                                                           norm_groups=8)))
+    run = RunConfig(sampler=SamplerConfig(steps=2), checkpoint="w.safetensors").for_model(net, digest=True)
+    identity = run.identity(plan("cpu", run.accel))
+    old = {**identity, "model_digest": resume.model_digest(net, with_config=False)}
+    assert old != identity
+    recs = [_write_with_record(pairs[0], out / "a.png", run, old)]
+    decided = plan_resume(pairs, out, run, identity, _records(*recs, identity=old),
+                          equivalent=legacy_digests(run, identity, net))
+    assert [s["stem"] for s in decided.skipped] == ["a"]
+    # Another model under the old digest scheme is still another model.
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1.0
+    with pytest.raises(StaleOutputsError, match="model_digest"):
+        plan_resume(pairs, out, run, identity, _records(*recs, identity=old),
+                    equivalent=legacy_digests(run, identity, other))
