@@ -166,10 +166,14 @@ def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dr
         raise click.UsageError("--reference names the goldens of the gpu suite's tests; use it with --suite gpu")
     if dry_run and device not in (None, "cpu"):
         raise click.UsageError("--dry-run runs on the CPU; drop --device")
-    dev = torch.device("cpu" if dry_run else device or ("cuda" if suite == "gpu" else "cpu"))
+    try:
+        dev = torch.device("cpu" if dry_run else device or ("cuda" if suite == "gpu" else "cpu"))
+    except RuntimeError as exc:
+        raise click.BadParameter(f"{device!r} is not a device name ({' '.join(str(exc).split())})",
+                                 param_hint="--device") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise click.ClickException("the gpu suite needs a CUDA device; torch sees none (use --dry-run to check the "
-                                   "plan on this CPU, or --suite cpu)")
+        raise click.ClickException(f"the {suite} suite on {dev} needs a CUDA device; torch sees none (use --dry-run "
+                                   "to check the gpu plan on this CPU, or --suite cpu)")
     env = benchmarks.environment()
     log(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, python {env['python']}")
     plan = benchmarks.plan_for(suite, upstream=upstream is not None, max_autotune=max_autotune,
@@ -183,6 +187,12 @@ def bench_command(suite: str, out: Optional[Path], reference: Optional[Path], dr
         plan = benchmarks.dry_run_plan(plan)
         log(f"dry run: the same {len(plan.jobs())} rows on the tiny ADM UNet, {plan.steps} steps, sizes / 40, on "
             f"the CPU (compile rows traced by Dynamo only; no CUDA graphs off CUDA)")
+    if out is not None:  # before anything is measured; and never over a golden the tests read
+        from ddfm_fast import cli_options as opts
+
+        opts.check_writable(out, "-o/--out")
+        if lookup is not None and lookup.path is not None:
+            opts.check_not_input([out], [p for p in lookup.path.iterdir() if p.is_file()], "-o/--out")
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         repo = _repo()

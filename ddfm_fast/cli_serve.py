@@ -7,6 +7,7 @@ imported inside the command, so ``ddfm-fast --help`` does not pay for it.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import sys
@@ -148,12 +149,37 @@ def serve_command(host: str, port: int, checkpoint: Optional[str], model_config:
         sys.stderr.flush()
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        _server_class()(config, manager).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C before uvicorn took over the signal: a stop like any other
         pass
     finally:
         manager.close(timeout=5.0)
         sock.close()
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        """uvicorn's server, which on Ctrl-C / SIGTERM first cancels the jobs (in the event loop, not inside the
+        signal handler, where the manager's lock may be held): the pages following a job get its last state and
+        their event streams end, so the graceful shutdown does not wait on them."""
+
+        def __init__(self, config: Any, manager: Any) -> None:
+            super().__init__(config)
+            self._manager = manager
+            self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+        async def serve(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._manager.begin_close)
+            super().handle_exit(sig, frame)
+
+    return StoppingServer
 
 
 if __name__ == "__main__":  # pragma: no cover - ``python -m ddfm_fast.cli_serve`` (the tests start it this way)

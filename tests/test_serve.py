@@ -573,3 +573,47 @@ def test_medical_mode_labels_the_roles_and_keeps_the_pet_colours(browser, server
         "The 8-bit gray fusion scored as ddfm-fast eval scores files: "
         "A = functional image (CT / PET / SPECT) pet.png, B = MRI image mri.png.")
     page.close()
+
+
+def test_ctrl_c_with_a_page_following_a_job_stops_at_once() -> None:
+    """A page that follows a queued job keeps an event stream open; Ctrl-C cancels the jobs first, so the stream
+    gets the job's final state and ends, and the server stops promptly with no traceback."""
+    from ddfm_fast.samples import example_pair
+
+    srv = Server()
+    try:
+        tokens = []
+        for slot, path in zip(("ir", "vis"), example_pair("ivf")):  # 640x480: a 1000-step job takes seconds
+            status, body = srv.post(f"/api/uploads?slot={slot}&mode=ivf&name={slot}.png", path.read_bytes())
+            assert status == 200, body
+            tokens.append(body["token"])
+        jobs = []
+        for _ in range(3):
+            status, body = srv.post("/api/jobs", json.dumps({"ir": tokens[0], "vis": tokens[1], "steps": 1000}).encode(),
+                                    "application/json")
+            assert status == 201, body
+            jobs.append(body["id"])
+        events: list[dict] = []
+
+        def follow() -> None:
+            with urllib.request.urlopen(srv.url.rstrip("/") + f"/api/jobs/{jobs[-1]}/events", timeout=60) as r:
+                for line in r:
+                    if line.startswith(b"data: "):
+                        events.append(json.loads(line[6:]))
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while json.loads(srv.get(f"/api/jobs/{jobs[0]}")[1])["state"] != "running":
+            assert time.monotonic() < deadline, "the first job never started"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        code = srv.stop()
+        took = time.monotonic() - t0
+        reader.join(10)
+    finally:
+        srv.stop()
+    log = "".join(srv.lines)
+    assert code == 0 and took < 4.0, (code, took, log)
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert events and events[-1]["state"] == "cancelled", events[-1:] or "no event"

@@ -187,6 +187,10 @@ def create_app(manager: JobManager, *, allowed_hosts: Optional[Sequence[str]] = 
             seen_version, seen_preview, beat = None, -1, time.monotonic()
             while True:
                 version = manager.version
+                if manager.closing and version == seen_version:
+                    # The server is stopping: what the page last got is the last it gets (a running job's
+                    # cancelled state may come too late for the graceful shutdown, and never blocks it).
+                    return
                 if version != seen_version:
                     seen_version = version
                     preview_step = job.preview_step

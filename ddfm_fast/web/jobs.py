@@ -355,8 +355,14 @@ class JobManager:
         with self._cond:
             return list(self._jobs.values())
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Cancel everything and stop the worker (waits up to ``timeout`` seconds for the running step)."""
+    @property
+    def closing(self) -> bool:
+        """True once the server began to stop: event streams end, no job is taken."""
+        return self._closing
+
+    def begin_close(self) -> None:
+        """Cancel every queued job and the running one (at its next step), without waiting: the first thing a
+        stopping server does, so that the pages following a job are told and their streams end."""
         with self._cond:
             self._closing = True
             for job in list(self._queue):
@@ -366,6 +372,10 @@ class JobManager:
                 self._running.cancel_event.set()
             self._bump()
             self._cond.notify_all()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel everything and stop the worker (waits up to ``timeout`` seconds for the running step)."""
+        self.begin_close()
         self._worker.join(timeout)
 
     # ------------------------------------------------------------------------------------------ JSON views
