@@ -91,6 +91,9 @@ def resolve_model(
     if model is None:
         from ddfm_fast.checkpoint import PRESETS
 
+        if model_config is not None:
+            raise ValueError("model_config describes a checkpoint's architecture, but no model is given (the "
+                             f"shipped prior '{DEFAULT_PRIOR}' has no config); pass model= with it")
         warnings.warn(
             f"ddfm-fast: using the shipped prior '{DEFAULT_PRIOR}' ({PRESETS[DEFAULT_PRIOR].description.split(';')[0]}); "
             "for the paper's model pass model='adm256-uncond' (CLI: --checkpoint adm256-uncond)",
@@ -98,6 +101,8 @@ def resolve_model(
         )
         return load_model(DEFAULT_PRIOR, device=device, dtype=dtype)
     if isinstance(model, nn.Module):
+        if model_config is not None:
+            raise ValueError("model_config describes a checkpoint to load, but model is a loaded module")
         where = module_device(model, device)
         if where != torch.device(device) and not (where.type == torch.device(device).type == "cuda"
                                                   and torch.device(device).index is None):
@@ -367,8 +372,9 @@ def fuse(
         raise ValueError(f"ir holds {len(irs)} image(s) and vis {len(viss)}; give one of each, or as many of both")
     if not irs:
         raise ValueError("no image pairs given")
-    if cfg.prior == "none" and model is not None:
-        raise ValueError("prior='none' is EM only (ablation I) and uses no model; do not pass a model/checkpoint")
+    if cfg.prior == "none" and (model is not None or model_config is not None):
+        raise ValueError("prior='none' is EM only (ablation I) and uses no model; do not pass a model/checkpoint "
+                         "or model_config")
     if device is not None:
         dev = check_device(device)
         if isinstance(model, nn.Module) and dev.type == "cuda" and dev.index is None:

@@ -840,8 +840,16 @@ def load_model(
     preset; else the paper's adm256-uncond. Returns the model in eval mode, ``requires_grad=False``,
     on ``device`` in ``dtype``. Raises ``CheckpointError`` for every problem, never falling back to
     random weights. An analytic preset (``ddfm-shrink``) is built from code: a
-    :class:`~ddfm_fast.shrinkage.ShrinkagePrior`, which takes no ``config``.
+    :class:`~ddfm_fast.shrinkage.ShrinkagePrior`, which takes no ``config``. A ``device`` that cannot run here
+    is a :class:`~ddfm_fast.plan.BackendError` and a ``dtype`` that is not a floating torch dtype a
+    ``TypeError``, both before the file is read.
     """
+    from ddfm_fast.plan import check_device
+
+    device = check_device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch dtype (torch.float32, torch.float16, torch.bfloat16), "
+                        f"got {dtype!r}")
     if isinstance(checkpoint, str) and checkpoint in PRESETS and PRESETS[checkpoint].analytic:
         if config is not None:
             raise CheckpointError(f"preset '{checkpoint}' is analytic (no network) and takes no model config")

@@ -57,6 +57,14 @@ def download_command(
     spec = PRESETS[preset]
     if spec.analytic:
         raise click.ClickException(f"preset '{preset}' is built into ddfm-fast (no weights): nothing to download.")
+    if url is not None:  # a mirror: checked before any folder is made or any byte is fetched
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError as exc:
+            raise click.BadParameter(f"{url!r} is not a URL ({exc})", param_hint="--url") from exc
+        if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.scheme == "file"):
+            raise click.BadParameter(f"{url!r} is not an http(s) (or file:) URL", param_hint="--url")
     if url is None:
         if not spec.url:
             why = " it ships with ddfm-fast and needs no download" if spec.packaged else ""

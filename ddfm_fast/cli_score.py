@@ -116,6 +116,11 @@ def score_command(ctx: click.Context, dataset_dir: Path, out: Path, dataset: Opt
                   verbose: bool, decimals: int, montage: bool, html_report: bool, model: dict[str, Any], sampler: dict[str, Any], run: dict[str, Any],
                   accel: dict[str, Any]) -> None:
     layout = _layout(dataset_dir, dataset, out)
+    # The files written beside the scores, checked now rather than after the fusion.
+    for name, wanted in ((MONTAGE_NAME, montage), (REPORT_NAME, html_report), (SCORES_JSON, True)):
+        if wanted:
+            opts.check_writable(out / name, "--montage" if name == MONTAGE_NAME else
+                                "--html" if name == REPORT_NAME else "-o/--output")
     cfg = opts.build_run(ctx, sampler=sampler, accel=accel, model=model, run=run, mode=layout.mode)
     try:
         pairing = dataset_pairs(layout, limit)  # the sources are checked before a model is loaded
@@ -137,7 +142,7 @@ def score_command(ctx: click.Context, dataset_dir: Path, out: Path, dataset: Opt
     if html_report and result.rows:
         from ddfm_fast.report import has_matplotlib, load_results, write_report
 
-        dest = write_report(load_results(out / SCORES_JSON), out / "report.html", decimals=decimals)
+        dest = write_report(load_results(out / SCORES_JSON), out / REPORT_NAME, decimals=decimals)
         click.echo(f"report: {dest}" + ("" if has_matplotlib() else
                                         " (no plot: matplotlib is not installed; pip install 'ddfm-fast[report]')"),
                    err=True)
@@ -166,7 +171,11 @@ def _score_montage(result: ScoreResult, out: Path) -> None:
     except (ImageReadError, ValueError, OSError) as exc:
         click.echo(f"montage not written: {exc}", err=True)
         return
-    click.echo(f"montage: {save_image(pic, out / 'montage.png')}", err=True)
+    click.echo(f"montage: {save_image(pic, out / MONTAGE_NAME)}", err=True)
+
+
+MONTAGE_NAME = "montage.png"  # score --montage
+REPORT_NAME = "report.html"  # score --html
 
 
 def _layout(dataset_dir: Path, dataset: Optional[str], out: Path) -> DatasetLayout:

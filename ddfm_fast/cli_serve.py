@@ -58,6 +58,9 @@ def _load_model(checkpoint: Optional[str], model_config: Optional[Path], device:
     from ddfm_fast.api import DefaultPriorNotice, resolve_model
     from ddfm_fast.checkpoint import CheckpointError
 
+    if model_config is not None and checkpoint is None:
+        raise click.UsageError("--model-config describes a checkpoint's architecture, but no --checkpoint is given "
+                               "(the shipped prior has no config)")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DefaultPriorNotice)

@@ -28,7 +28,7 @@ import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Literal, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Literal, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -722,6 +722,10 @@ def _decode_file(path: Union[str, bytes, os.PathLike], cap: int) -> DecodedImage
 
 
 def _is_path(src: Any) -> bool:
+    if isinstance(src, bytes) and (b"\0" in src or len(src) > 4096):
+        # Not a file name (no path holds a NUL byte or runs past PATH_MAX): most likely an encoded image.
+        raise TypeError(f"{len(src)} bytes that are not a file name were given as an image; for encoded image "
+                        "data pass PIL.Image.open(io.BytesIO(data))")
     return isinstance(src, (str, bytes, os.PathLike))
 
 
@@ -931,6 +935,21 @@ def sample_luma(sample: torch.Tensor) -> np.ndarray:
     if x.shape[0] != 1 or x.shape[1] != 3:
         raise ValueError(f"expected one RGB sample, got shape {tuple(sample.shape)}")
     return luma_rgb2ycrcb(np.transpose(x[0].numpy(), (1, 2, 0)))
+
+
+# Less than one grey level of 0..255, on the [-1, 1] scale of the fused luminance before the official stretch.
+FLAT_SPAN = 2.0 / 255.0
+
+
+def flat_output_note(luma: np.ndarray) -> Optional[str]:
+    """A note when the fused luminance (``[-1, 1]``, before the official min-max stretch) spans less than one grey
+    level: the stretch then turns the fusion of flat inputs into magnified noise, or black when it is exactly
+    flat. That is the official output, but not a picture of anything, so it is said, not passed off."""
+    span = float(luma.max() - luma.min()) if luma.size else 0.0
+    if span >= FLAT_SPAN:
+        return None
+    return (f"the fused luminance spans {span * 127.5:.2g} grey levels before the official min-max stretch to "
+            "0..255, so the output shows magnified noise (or is black): are the inputs flat?")
 
 
 def minmax_0_255(y: np.ndarray) -> np.ndarray:

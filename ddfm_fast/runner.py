@@ -58,8 +58,6 @@ OUTPUT_KINDS: tuple[str, ...] = ("gray", "color", "png16", "npy")
 RESIZES = (None, "ir", "vis")
 # SamplerConfig fields EM-only fusion never reads: no noise, no x0 prediction to clip, no schedule.
 EM_ONLY_UNREAD = ("seed", "clip", "train_timesteps")
-# Less than one grey level of 0..255 on the [-1, 1] scale the fused luminance has before the official stretch.
-FLAT_SPAN = 2.0 / 255.0
 FLOAT_ROUNDING_ONLY = {"affects_output": False}  # RunConfig field metadata: excluded from the resume check
 Event = Callable[[dict[str, Any]], None]
 
@@ -381,12 +379,9 @@ def write_result(result: FusionResult, item: ReadPair, dest: Path, run: RunConfi
     notes = []
     if run.output == "color" and item.color_source is not None and not io.has_chroma(item.color_source):
         notes.append("the colour source is gray, so the colour output is gray")
-    span = float(result.luma.max() - result.luma.min()) if result.luma.size else 0.0
-    if span < FLAT_SPAN:
-        # The official output stretches min..max to 0..255: a fusion of flat inputs becomes stretched noise (or
-        # black when it is exactly flat), which is the official result but not a picture of anything.
-        notes.append(f"the fused luminance spans {span * 127.5:.2g} grey levels before the official min-max "
-                     "stretch to 0..255, so the output shows magnified noise (or is black): are the inputs flat?")
+    flat = io.flat_output_note(result.luma)
+    if flat:
+        notes.append(flat)
     if notes:
         record["note"] = "; ".join(notes)
 

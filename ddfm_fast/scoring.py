@@ -127,6 +127,7 @@ class DatasetLayout:
     b_dir: Path
     paper_key: Optional[str]
     subset: Optional[str] = None  # mif: "MRI_PET" etc.
+    named_by: Optional[str] = None  # the --dataset name when the data set was named by it, not by the folder
 
     @property
     def paper(self) -> Optional[dict[str, float]]:
@@ -134,7 +135,16 @@ class DatasetLayout:
 
 
 def _subdirs(folder: Path) -> dict[str, Path]:
-    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    """Subfolders by lower-cased name; two that differ only in case (``ir/`` and ``IR/``) are an error, since
+    which one a case-insensitive match would take is a guess."""
+    subs: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and not p.name.startswith("."):
+            twin = subs.setdefault(p.name.lower(), p)
+            if twin != p:
+                raise DatasetError(f"{folder}: holds both {twin.name}/ and {p.name}/; folder names are matched "
+                                   "regardless of case, so keep one of them")
+    return subs
 
 
 def _find(subs: dict[str, Path], names: tuple[str, ...]) -> list[Path]:
@@ -190,7 +200,7 @@ def dataset_layout(folder: str | Path, dataset: Optional[str] = None) -> Dataset
             raise DatasetNameError(f"unknown dataset name {dataset!r}; the paper reports: {known}")
         if PAPER_MODES[key] != mode:
             raise DatasetNameError(f"dataset {key} is {PAPER_MODES[key]} fusion but {root} has a {mode} layout")
-        return DatasetLayout(key, mode, root, a_dir, b_dir, key, subset)
+        return DatasetLayout(key, mode, root, a_dir, b_dir, key, subset, named_by=dataset)
     if mode == "mif":
         return DatasetLayout("Harvard", mode, root, a_dir, b_dir, "Harvard", subset)
     key = paper_key(root.name)
@@ -334,6 +344,16 @@ def compare_with_paper(layout: DatasetLayout, run: RunConfig, pairs: int, folder
             diffs.append(f"prior {prior} (the paper: {PAPER_PRIOR}, 552.8 M parameters)")
         if prior != "none" and steps is not None and steps != PAPER_STEPS:
             diffs.append(f"{steps} steps (the paper: {PAPER_STEPS})")
+        if prior == "none" and em_row and steps is not None and steps != PAPER_STEPS:
+            diffs.append(f"{steps} EM iterations (the paper's loop: {PAPER_STEPS})")
+        if layout.named_by is not None:
+            wanted = _base_dataset(layout.paper_key)
+            found = "Harvard" if layout.mode == "mif" else _base_dataset(paper_key(layout.root.name))
+            if found != wanted:
+                diffs.append(f"the folder {layout.root.name}/ is {found}, not {wanted} (named by --dataset)"
+                             if found is not None else
+                             f"the folder's name ({layout.root.name}) does not say it is {wanted}; the data set "
+                             "was named by --dataset, not recognised")
         if pairs < folder_pairs:
             diffs.append(f"a subset: {pairs} of the folder's {folder_pairs} pairs")
         full = FULL_SIZES.get(layout.paper_key or "")
@@ -346,6 +366,11 @@ def compare_with_paper(layout: DatasetLayout, run: RunConfig, pairs: int, folder
             diffs.append(f"size policy {sampler.size_policy} (the paper crops to /32)")
     return Comparison(layout.name, pairs, folder_pairs, sizes, steps, prior, sampler.size_policy, paper_row,
                       tuple(diffs))
+
+
+def _base_dataset(key: Optional[str]) -> Optional[str]:
+    """The data set a paper row is measured on (the ablation row is RoadScene's)."""
+    return "RoadScene" if key == "RoadScene-EM-only" else key
 
 
 def _prior_name(checkpoint: Optional[str]) -> str:

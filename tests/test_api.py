@@ -173,3 +173,21 @@ def test_odd_inputs_and_options_fail_before_any_work(pair):
     out = ddfm_fast.fuse(np.stack([ir, ir])[..., None], nhwc, **EM3)
     assert isinstance(out, list) and len(out) == 2
     assert isinstance(ddfm_fast.fuse(ir[None, ..., None], vis[None], **EM3), list)
+
+
+def test_wrong_argument_types_are_one_clear_error(tmp_path) -> None:
+    from ddfm_fast.plan import BackendError
+    from ddfm_fast.samples import example_pair
+
+    ir, vis = example_pair("ivf")
+    with pytest.raises(TypeError, match="bytes that are not a file name"):
+        ddfm_fast.fuse(ir.read_bytes(), vis, steps=2)
+    with pytest.raises(ValueError, match="model_config describes a checkpoint"):
+        ddfm_fast.fuse(ir, vis, steps=2, model_config={"num_channels": 8})
+    with pytest.raises(ValueError, match="uses no model"):
+        ddfm_fast.fuse(ir, vis, steps=2, prior="none", model_config={"num_channels": 8})
+    with pytest.raises(TypeError, match="floating torch dtype"):
+        ddfm_fast.load_model("ddfm-small", dtype="fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="CUDA is not available"):
+            ddfm_fast.load_model("ddfm-small", device="cuda")

@@ -286,3 +286,11 @@ def test_a_failing_safetensors_copy_is_named(server, config, tmp_path, monkeypat
     assert str(err.value).startswith(f"{tmp_path / 'tiny_unet.safetensors'}: cannot write the .safetensors copy "
                                      "(no space left on the device).")
     assert part_path(dest).is_file()  # the verified download is kept for the next try
+
+
+@pytest.mark.parametrize("url, words", [("notaurl", "is not an http(s)"), ("http://[::1", "is not a URL"),
+                                        ("http://h:xx/a", "is not a URL")])
+def test_a_malformed_url_names_the_option(tmp_path, url, words):
+    res = CliRunner().invoke(_cli(), ["download", "--url", url, "--to", str(tmp_path / "w")])
+    assert res.exit_code == 2 and "--url" in res.output and words in res.output, res.output
+    assert not (tmp_path / "w").exists()

@@ -239,3 +239,29 @@ def test_score_em_only_needs_no_model(tmp_path, data_dir):
     assert res.exit_code == 0, res.output
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert scores["dataset"] == "MSRS" and len(scores["images"]) == 1
+
+
+def test_a_data_set_named_by_option_is_said_when_the_folder_is_another(tmp_path: Path) -> None:
+    from ddfm_fast.runner import RunConfig
+    from ddfm_fast.config import SamplerConfig
+    from ddfm_fast.scoring import compare_with_paper
+
+    for s in ("MSRS/ir", "MSRS/vi", "mine/ir", "mine/vi", "RoadScene/ir", "RoadScene/vi"):
+        (tmp_path / s).mkdir(parents=True)
+    em = RunConfig(sampler=SamplerConfig(prior="none", steps=2, size_policy="crop"))
+    diffs = compare_with_paper(dataset_layout(tmp_path / "MSRS", "roadscene-em-only"), em, 3, 3, ("320x240",))
+    assert "the folder MSRS/ is MSRS, not RoadScene (named by --dataset)" in diffs.differences
+    assert "2 EM iterations (the paper's loop: 100)" in diffs.differences
+    diffs = compare_with_paper(dataset_layout(tmp_path / "mine", "RoadScene"),
+                               RunConfig(sampler=SamplerConfig.paper()), 3, 3, ())
+    assert any("does not say it is RoadScene" in d for d in diffs.differences), diffs.differences
+    ok = compare_with_paper(dataset_layout(tmp_path / "RoadScene", "roadscene-em-only"),
+                            RunConfig(sampler=SamplerConfig.paper(prior="none", steps=100)), 3, 3, ())
+    assert not [d for d in ok.differences if "folder" in d or "iterations" in d], ok.differences
+
+
+def test_two_folders_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
+    for s in ("ir", "IR", "vi"):
+        (tmp_path / "both" / s).mkdir(parents=True)
+    with pytest.raises(DatasetError, match="holds both IR/ and ir/"):
+        dataset_layout(tmp_path / "both")

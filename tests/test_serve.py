@@ -617,3 +617,36 @@ def test_ctrl_c_with_a_page_following_a_job_stops_at_once() -> None:
     assert code == 0 and took < 4.0, (code, took, log)
     assert "Traceback" not in log and "ERROR" not in log, log
     assert events and events[-1]["state"] == "cancelled", events[-1:] or "no event"
+
+
+def test_a_job_says_when_it_fused_an_image_with_itself_or_flat_inputs(images: dict[str, Path]) -> None:
+    manager = JobManager(None, torch.device("cpu"))
+    try:
+        ir = manager.add_upload(images["ir"].read_bytes(), "infrared image ir.png", ".png")
+        flat = bytesio.BytesIO()
+        Image.fromarray(np.full((96, 128), 7, np.uint8)).save(flat, format="PNG")
+        flat_up = manager.add_upload(flat.getvalue(), "infrared image flat.png", ".png")
+        snap = _wait_final(manager, manager.submit(ir.token, ir.token, JobRequest(prior="none", steps=2)).id)
+        assert snap["state"] == "done" and any("fused with itself" in n for n in snap["notes"]), snap
+        snap = _wait_final(manager, manager.submit(flat_up.token, flat_up.token,
+                                                   JobRequest(prior="none", steps=2)).id)
+        assert any("are the inputs flat?" in n for n in snap["notes"]), snap
+    finally:
+        manager.close()
+
+
+def test_job_requests_take_only_what_the_page_offers() -> None:
+    from ddfm_fast.web.app import parse_request
+
+    ir, vis, req = parse_request({"ir": "a", "vis": "b", "steps": "12", "seed": 5})
+    assert (ir, vis, req.steps, req.seed) == ("a", "b", 12, 5)
+    with pytest.raises(RequestError, match="unknown field.*'lamb'"):
+        parse_request({"ir": "a", "vis": "b", "lamb": 100})
+    with pytest.raises(RequestError, match="steps must be a whole number"):
+        parse_request({"ir": "a", "vis": "b", "steps": "\u0663"})  # an Arabic-Indic three
+
+
+def test_deeply_nested_json_is_a_bad_request(server: Server) -> None:
+    status, body = server.post("/api/jobs", b"[" * 100000, "application/json")
+    assert status == 400 and body["error"] == "the request must be a JSON object", body
+    assert not any("Traceback" in line for line in server.lines)

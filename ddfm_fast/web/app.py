@@ -71,8 +71,8 @@ async def _read_capped(request: Request, limit: int, label: str) -> bytes:
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
-        if total > limit:
-            raise UploadTooLarge(too_large_message(label, total, limit))
+        if total > limit:  # what has arrived so far: the file is at least this large
+            raise UploadTooLarge(too_large_message(label, total, limit, at_least=True))
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -85,7 +85,7 @@ def _int_field(body: dict[str, Any], name: str, default: Optional[int]) -> Optio
         raise RequestError(f"{name} must be a whole number, got {value!r}")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():  # not other scripts' digits
         return int(value.strip())
     raise RequestError(f"{name} must be a whole number, got {value!r}")
 
@@ -97,10 +97,17 @@ def _str_field(body: dict[str, Any], name: str, default: str) -> str:
     return value
 
 
+REQUEST_FIELDS = frozenset({"ir", "vis", "mode", "prior", "steps", "seed", "color", "size_policy"})
+
+
 def parse_request(body: Any) -> tuple[str, str, JobRequest]:
     """The upload tokens and the :class:`JobRequest` of a ``POST /api/jobs`` body (:class:`RequestError` if bad)."""
     if not isinstance(body, dict):
         raise RequestError("the request must be a JSON object")
+    unknown = sorted(set(body) - REQUEST_FIELDS)
+    if unknown:  # a setting the page does not offer would otherwise be dropped without a word
+        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; a job takes "
+                           f"{', '.join(sorted(REQUEST_FIELDS))}")
     color = body.get("color", False)
     if not isinstance(color, bool):
         raise RequestError(f"color must be true or false, got {color!r}")
@@ -149,7 +156,7 @@ def create_app(manager: JobManager, *, allowed_hosts: Optional[Sequence[str]] = 
     async def submit(request: Request) -> Response:
         try:
             body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested past the parser
             return _error("the request must be a JSON object")
         try:
             ir, vis, req = parse_request(body)

@@ -507,6 +507,11 @@ class JobManager:
         if not np.isfinite(result.luma).all():  # the sampler checks its sample; this guards what is written
             raise NonFiniteError("the fused luminance is not finite; nothing was written")
         job.outputs["fused"] = png_bytes(result.fused)
+        if job.ir.token == job.vis.token or np.array_equal(job.ir.rgb8, job.vis.rgb8):
+            job.notes.append("the two images are the same picture: it was fused with itself")
+        flat = io.flat_output_note(result.luma)
+        if flat:
+            job.notes.append(flat)
         if result.plan is not None and result.plan.fallbacks:  # a fast path given up at run time is said on the page
             job.notes.extend(f"fast path {f}" for f in result.plan.fallbacks)
         for slot, upload in zip(SLOTS, (job.ir, job.vis)):
@@ -537,6 +542,6 @@ def _shrink(frame: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BILINEAR))
 
 
-def too_large_message(label: str, size: int, limit: int) -> str:
-    return (f"{label}: the file is {size / 2**20:.1f} MiB; uploads are limited to {limit / 2**20:.0f} MiB "
-            "(ddfm-fast serve --max-upload-mb)")
+def too_large_message(label: str, size: int, limit: int, *, at_least: bool = False) -> str:
+    return (f"{label}: the file is {'more than ' if at_least else ''}{size / 2**20:.1f} MiB; uploads are limited "
+            f"to {limit / 2**20:.0f} MiB (ddfm-fast serve --max-upload-mb)")
