@@ -115,6 +115,11 @@ def format_scores(result: ScoreResult, verbose: bool = False, decimals: int = 2)
 def score_command(ctx: click.Context, dataset_dir: Path, out: Path, dataset: Optional[str], limit: Optional[int],
                   verbose: bool, decimals: int, montage: bool, html_report: bool, model: dict[str, Any], sampler: dict[str, Any], run: dict[str, Any],
                   accel: dict[str, Any]) -> None:
+    from ddfm_fast.cli_fuse import _dist_env
+
+    if _dist_env() is not None:
+        raise click.UsageError("score runs in one process; under torchrun, fuse the folders (ddfm-fast fuse "
+                               "--ir-dir A --vis-dir B -o OUT) and score them with ddfm-fast eval")
     layout = _layout(dataset_dir, dataset, out)
     # The files written beside the scores, checked now rather than after the fusion.
     for name, wanted in ((MONTAGE_NAME, montage), (REPORT_NAME, html_report), (SCORES_JSON, True)):

@@ -116,6 +116,8 @@ function request() {
 }
 
 async function fuse() {
+  if ($("fuse").disabled) return;
+  $("fuse").disabled = true;  // one click, one job: a second click before the answer arrives does nothing
   showError("");
   $("result").hidden = true;
   $("live").hidden = true;
@@ -127,6 +129,7 @@ async function fuse() {
     if (!response.ok) throw new Error(answer.error || response.statusText);
   } catch (err) {
     showError(err.message);
+    updateButtons();
     return;
   }
   follow(answer);
