@@ -193,12 +193,10 @@ def _layout(dataset_dir: Path, dataset: Optional[str], out: Path) -> DatasetLayo
     if out.exists() and not out.is_dir():
         raise click.BadParameter(f"{out} is a file; give an output folder", param_hint="-o/--output")
     opts.check_writable(out, "-o/--output", folder=True)
+    from ddfm_fast.outputs import same_path
+
     for src in (layout.a_dir, layout.b_dir):
-        try:
-            same = (out / FUSED_DIR).resolve() == src.resolve()
-        except OSError:
-            same = False
-        if same:
+        if same_path(out / FUSED_DIR, src):
             raise click.BadParameter(f"{out / FUSED_DIR} is a source folder; outputs would replace inputs",
                                      param_hint="-o/--output")
     return layout
